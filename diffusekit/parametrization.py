@@ -1,0 +1,70 @@
+"""What a network predicts, and the one conversion to (eps_hat, x0_hat) (SPEC §1).
+
+With x_t = a x_0 + b eps, a network may predict
+  eps   the noise,
+  x0    the clean sample,
+  v     a eps - b x_0 (Salimans & Ho 2022),
+  flow  the rectified-flow velocity eps - x_0.
+Samplers and guidance only ever see a `Prediction`, so none of them special-cases a model.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("eps", "x0", "v", "flow")
+
+
+class Prediction(NamedTuple):
+    """A denoiser's output: predicted noise and predicted clean sample, consistent with x_t."""
+
+    eps: Tensor
+    x0: Tensor
+
+    def combine(self, other: "Prediction", weight: float) -> "Prediction":
+        """self + weight * (other - self), component-wise (both components are affine in the model output)."""
+        return Prediction(*(s + weight * (o - s) for s, o in zip(self, other)))
+
+
+def check_prediction_type(kind: str) -> str:
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
+    return kind
+
+
+def to_prediction(out: Tensor, x_t: Tensor, a: Tensor, b: Tensor, kind: str) -> Prediction:
+    """Convert a network output of the given kind into (eps_hat, x0_hat); a, b broadcast against x_t."""
+    out = out.to(x_t.dtype)
+    if kind == "eps":
+        return Prediction(out, (x_t - b * out) / a)
+    if kind == "x0":
+        return Prediction((x_t - a * out) / b, out)
+    if kind == "v":  # [x_t; v] = [[a, b], [-b, a]] [x0; eps]
+        n = a * a + b * b
+        return Prediction((b * x_t + a * out) / n, (a * x_t - b * out) / n)
+    if kind == "flow":  # x_t = a (eps - v) + b eps
+        n = a + b
+        return Prediction((x_t + a * out) / n, (x_t - b * out) / n)
+    raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
+
+
+def training_target(kind: str, x0: Tensor, eps: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The regression target of a network of the given kind for x_t = a x0 + b eps."""
+    if kind == "eps":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        return a * eps - b * x0
+    if kind == "flow":
+        return eps - x0
+    raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
+
+
+def expand_like(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample coefficient [B] (or scalar) to broadcast against x [B, ...], in x's dtype."""
+    c = torch.as_tensor(c, device=x.device).to(x.dtype)
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
