@@ -1,0 +1,1 @@
+"""Networks: UNet, DiT, MM-DiT, autoencoders (imported here so that they register for loading)."""
