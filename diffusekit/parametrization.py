@@ -19,14 +19,19 @@ PREDICTION_TYPES = ("eps", "x0", "v", "flow")
 
 
 class Prediction(NamedTuple):
-    """A denoiser's output: predicted noise and predicted clean sample, consistent with x_t."""
+    """A denoiser's output: predicted noise and predicted clean sample, consistent with x_t, and for
+    learned-variance networks the interpolation v in [0, 1] of the log variance between beta-tilde and
+    beta (Improved DDPM: log Sigma = v log beta + (1 - v) log beta-tilde)."""
 
     eps: Tensor
     x0: Tensor
+    var_frac: Tensor | None = None
 
     def combine(self, other: "Prediction", weight: float) -> "Prediction":
-        """self + weight * (other - self), component-wise (both components are affine in the model output)."""
-        return Prediction(*(s + weight * (o - s) for s, o in zip(self, other)))
+        """self + weight * (other - self) for eps and x0 (both affine in the model output); the variance
+        is taken from `other` (the conditional branch of CFG, as DiT does)."""
+        return Prediction(self.eps + weight * (other.eps - self.eps), self.x0 + weight * (other.x0 - self.x0),
+                          other.var_frac)
 
 
 def check_prediction_type(kind: str) -> str:

@@ -54,7 +54,7 @@ def _denoise(denoiser: Denoiser, x: Tensor, t: float, cond: Cond | None) -> Pred
     p = denoiser(x, torch.full((len(x),), t, dtype=torch.float64, device=x.device), cond)
     if p.eps.shape != x.shape or p.x0.shape != x.shape:
         raise ValueError(f"denoiser returned shapes {tuple(p.eps.shape)}, {tuple(p.x0.shape)} for x {tuple(x.shape)}")
-    return Prediction(p.eps.to(x.dtype), p.x0.to(x.dtype))
+    return p._replace(eps=p.eps.to(x.dtype), x0=p.x0.to(x.dtype))
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -69,22 +69,33 @@ def ddpm(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Co
 
     With r = a_t / a_s and beta = b_t^2 - r^2 b_s^2 (the per-step beta_t of SPEC §2 for VP tables), the
     posterior mean is (r b_s^2 x_t + a_s beta x0_hat) / b_t^2 -- SPEC's (x_t - beta / b_t eps_hat) / sqrt(alpha_t)
-    written through x0_hat so that a_t = 0 is allowed -- and its variance beta b_s^2 / b_t^2 ('small',
-    beta-tilde) or beta ('large')."""
-    if variance not in ("small", "large"):
-        raise ValueError(f"DDPM variance must be 'small' or 'large', got {variance!r}")
+    written through x0_hat so that a_t = 0 is allowed -- and its variance beta-tilde = beta b_s^2 / b_t^2
+    ('small'), beta ('large') or, for learned-variance networks, exp(v log beta + (1 - v) log beta-tilde)
+    ('learned', Nichol & Dhariwal 2021)."""
+    if variance not in ("small", "large", "learned"):
+        raise ValueError(f"DDPM variance must be 'small', 'large' or 'learned', got {variance!r}")
     x = _state(x)
     for s in _steps(ts, schedule, progress):
         p = _denoise(denoiser, x, s.t, cond)
         r = s.a / s.a_next
         beta = s.b**2 - r**2 * s.b_next**2
         x = (r * s.b_next**2 * x + s.a_next * beta * p.x0) / s.b**2
-        var = beta * s.b_next**2 / s.b**2 if variance == "small" else beta
+        beta_tilde = beta * s.b_next**2 / s.b**2
         if s.b_next > 0:
-            x = x + math.sqrt(var) * _noise(x, generator)
+            x = x + _ddpm_std(variance, beta, beta_tilde, p) * _noise(x, generator)
         if callback:
             callback(s.i, s.t, x, p)
     return x
+
+
+def _ddpm_std(variance: str, beta: float, beta_tilde: float, p: Prediction) -> Tensor | float:
+    if variance == "small":
+        return math.sqrt(beta_tilde)
+    if variance == "large":
+        return math.sqrt(beta)
+    if p.var_frac is None:
+        raise ValueError("DDPM variance 'learned' needs a network with learned sigma")
+    return torch.exp(0.5 * (p.var_frac * math.log(beta) + (1 - p.var_frac) * math.log(max(beta_tilde, 1e-20))))
 
 
 def ddim(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,

@@ -94,3 +94,36 @@ def test_flow_euler_matches_diffusers():
     samplers.euler(den, x, sched.sigmas.double(), schedule, callback=lambda i, t, x_, p: ours.append(x_))
     for o, th in zip(ours, theirs, strict=True):
         assert (o - th).abs().max().item() < 1e-5 * max(th.abs().max().item(), 1)
+
+
+class LearnedSigmaNet(torch.nn.Module):
+    """toy_net plus a variance channel block v in [-1, 1], flagged as a learned-sigma network."""
+
+    config = type("Config", (), {"learned_sigma": True})()
+
+    def forward(self, x, t):
+        return torch.cat([toy_net(x, t), torch.tanh(toy_net(x.flip(1), t))], dim=1)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])  # grids ending at t = 0 (see ddpm_large above)
+def test_ddpm_learned_variance_matches_diffusers(spacing):
+    sched = diffusers.DDPMScheduler(beta_schedule="linear", variance_type="learned_range", clip_sample=False,
+                                    timestep_spacing=spacing)
+    sched.set_timesteps(25)
+    net = LearnedSigmaNet()
+    x = torch.randn(2, 3, 8, 8, generator=gen(1))
+    g, sample = gen(5), x.clone()
+    for t in sched.timesteps:
+        sample = sched.step(net(sample, t), t, sample, generator=g).prev_sample
+    schedule = VPSchedule.named("linear")
+    ts = torch.cat([sched.timesteps.double(), torch.tensor([-1.0], dtype=torch.float64)])
+    ours = samplers.ddpm(NetworkDenoiser(net, schedule), x, ts, schedule, variance="learned", generator=gen(5))
+    # diffusers interpolates log variances in float32: agreement to its rounding, 1e-4
+    torch.testing.assert_close(ours, sample, atol=1e-4, rtol=1e-4)
+
+
+def test_learned_variance_needs_a_learned_sigma_network():
+    schedule = VPSchedule.named("linear")
+    with pytest.raises(ValueError, match="learned sigma"):
+        samplers.ddpm(NetworkDenoiser(toy_net, schedule), torch.randn(1, 3, 8, 8), schedule.timesteps(3), schedule,
+                      variance="learned")
