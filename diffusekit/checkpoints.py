@@ -57,8 +57,8 @@ def build(model_type: str, config: Mapping[str, Any] | Any, device: str | torch.
         return cls(config)
 
 
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> nn.Module:
-    """Assign `state` to `model` (possibly on the meta device) after checking every key and shape."""
+def check_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless `state` has exactly the model's keys, each with the model's shape."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -71,6 +71,11 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "c
         problems = [f"{name} ({len(items)}): {show(items)}" for name, items in
                     [("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)] if items]
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> nn.Module:
+    """Assign `state` to `model` (possibly on the meta device) after checking every key and shape."""
+    check_state(model, state, source)
     model.load_state_dict(state, assign=True)
     return model
 

@@ -50,17 +50,22 @@ class Schedule:
         """A sampling grid of n model times, decreasing, followed by t_clean (length n + 1)."""
         raise NotImplementedError
 
+    def sample_t(self, n: int, generator: torch.Generator | None = None, dist: str = "uniform",
+                 loc: float = 0.0, scale: float = 1.0) -> Tensor:
+        """Training times [n] (float64): 'uniform', or 'logit_normal' u = sigmoid(N(loc, scale^2)) (SD3)."""
+        raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------- VP tables
 
-def linear_betas(T: int) -> Tensor:
+def linear_betas(T: int, start: float = 1e-4, end: float = 0.02) -> Tensor:
     """DDPM (Ho et al. 2020): beta linear from 1e-4 to 0.02."""
-    return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return torch.linspace(start, end, T, dtype=torch.float64)
 
 
-def scaled_linear_betas(T: int) -> Tensor:
+def scaled_linear_betas(T: int, start: float = 0.00085, end: float = 0.012) -> Tensor:
     """Stable Diffusion: betas = linspace(sqrt(0.00085), sqrt(0.012), T)^2."""
-    return torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
+    return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
 
 
 def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -73,7 +78,7 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     return torch.tensor(betas, dtype=torch.float64)
 
 
-BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {
+BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "linear": linear_betas,
     "scaled_linear": scaled_linear_betas,
     "cosine": cosine_betas,
@@ -104,11 +109,14 @@ class VPSchedule(Schedule):
         self._logsnr = torch.cat([torch.tensor([math.inf], dtype=torch.float64), ac.log() - (-ac).log1p()])
 
     @classmethod
-    def named(cls, name: str, T: int = 1000, zero_terminal_snr: bool = False) -> "VPSchedule":
-        """A schedule by name: linear, scaled_linear or cosine; optionally rescaled to zero terminal SNR."""
+    def named(cls, name: str, T: int = 1000, zero_terminal_snr: bool = False, beta_range: tuple[float, float] | None = None) -> "VPSchedule":
+        """A schedule by name: linear, scaled_linear (optionally with another beta range) or cosine;
+        optionally rescaled to zero terminal SNR."""
         if name not in BETA_SCHEDULES:
             raise ValueError(f"unknown schedule {name!r}; valid: {sorted(BETA_SCHEDULES)}")
-        ac = torch.cumprod(1 - BETA_SCHEDULES[name](T), 0)
+        if beta_range is not None and name == "cosine":
+            raise ValueError("the cosine schedule takes no beta range")
+        ac = torch.cumprod(1 - BETA_SCHEDULES[name](T, *(beta_range or ())), 0)
         return cls(rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac)
 
     @property
@@ -158,6 +166,13 @@ class VPSchedule(Schedule):
             raise ValueError(f"unknown timestep spacing {spacing!r}; valid: leading, trailing, linspace")
         return check_grid(self, torch.cat([ts, ts.new_tensor([self.t_clean])]))
 
+    def sample_t(self, n: int, generator: torch.Generator | None = None, dist: str = "uniform",
+                 loc: float = 0.0, scale: float = 1.0) -> Tensor:
+        """Uniform over the T integer steps (DDPM), or logit-normal over the continuous range [0, T-1]."""
+        if dist == "uniform":
+            return torch.randint(0, self.T, (n,), generator=generator).double()
+        return _unit_time(n, generator, dist, loc, scale) * (self.T - 1)
+
 
 # ----------------------------------------------------------------------------- rectified flow
 
@@ -204,6 +219,19 @@ class FlowSchedule(Schedule):
             raise ValueError(f"number of steps must be >= 1, got {n}")
         return flow_shift(torch.linspace(1, 0, n + 1, dtype=torch.float64), self.shift)
 
+    def sample_t(self, n: int, generator: torch.Generator | None = None, dist: str = "logit_normal",
+                 loc: float = 0.0, scale: float = 1.0) -> Tensor:
+        """u uniform or logit-normal on (0, 1), then the resolution shift."""
+        return flow_shift(_unit_time(n, generator, dist, loc, scale), self.shift)
+
+
+def _unit_time(n: int, generator: torch.Generator | None, dist: str, loc: float, scale: float) -> Tensor:
+    if dist == "uniform":
+        return torch.rand(n, generator=generator, dtype=torch.float64)
+    if dist == "logit_normal":
+        return torch.sigmoid(loc + scale * torch.randn(n, generator=generator, dtype=torch.float64))
+    raise ValueError(f"unknown timestep distribution {dist!r}; valid: uniform, logit_normal")
+
 
 def check_grid(schedule: Schedule, ts: Tensor | Sequence[float]) -> Tensor:
     """Validate a sampling grid: 1-D, at least 2 times, strictly decreasing, inside the schedule's range."""
@@ -229,8 +257,9 @@ def img2img_grid(ts: Tensor, strength: float) -> Tensor:
     return ts[n - k:]
 
 
-def make_schedule(name: str, T: int = 1000, zero_terminal_snr: bool = False, shift: float = 1.0) -> Schedule:
+def make_schedule(name: str, T: int = 1000, zero_terminal_snr: bool = False, shift: float = 1.0,
+                  beta_range: tuple[float, float] | None = None) -> Schedule:
     """A VP table by name, or 'flow' for rectified flow."""
     if name == "flow":
         return FlowSchedule(shift)
-    return VPSchedule.named(name, T, zero_terminal_snr)
+    return VPSchedule.named(name, T, zero_terminal_snr, beta_range)
