@@ -10,15 +10,23 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
+import torch
 from torch import Tensor, nn
 
-from .parametrization import Prediction, check_prediction_type, expand_like, to_prediction
+from .parametrization import Prediction, check_prediction_type, expand_like, to_prediction, training_target, x0_weight
 from .schedules import Schedule
 
 Cond = Mapping[str, Tensor]
 
 
 class Denoiser(Protocol):
+    def _net(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        """The network on x in its own dtype (floating conditions cast alike), timesteps scaled."""
+        param = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
+        dtype = param.dtype if param is not None else x.dtype
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
+        return self.net(x.to(dtype), (t * self.timestep_scale).to(x.device, torch.float32), **cond)
+
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction: ...
 
 
@@ -35,9 +43,16 @@ class NetworkDenoiser:
         self.timestep_scale = timestep_scale
         self.learned_sigma = bool(getattr(getattr(net, "config", None), "learned_sigma", False))
 
+    def _net(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        """The network on x in its own dtype (floating conditions cast alike), timesteps scaled."""
+        param = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
+        dtype = param.dtype if param is not None else x.dtype
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
+        return self.net(x.to(dtype), (t * self.timestep_scale).to(x.device, torch.float32), **cond)
+
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction:
         a, b = (expand_like(c, x) for c in self.schedule.alpha_sigma(t))
-        out = self.net(x, (t * self.timestep_scale).to(x.device, x.dtype), **(cond or {}))
+        out = self._net(x, t, cond)
         var_frac = None
         if self.learned_sigma:
             out, v = out.chunk(2, dim=1)
@@ -45,3 +60,23 @@ class NetworkDenoiser:
         if out.shape != x.shape:
             raise ValueError(f"network output shape {tuple(out.shape)} differs from its input {tuple(x.shape)}")
         return to_prediction(out, x, a, b, self.prediction)._replace(var_frac=var_frac)
+
+    def loss(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Cond | None = None,
+             min_snr_gamma: float | None = None) -> Tensor:
+        """Per-sample training loss [B]: MSE between the network output at x_t = a x0 + b eps and its target.
+
+        With min_snr_gamma, weighted so that the effective weight on the x0 error is min(SNR, gamma)
+        (Min-SNR, Hang et al. 2023) whatever the prediction type."""
+        if self.learned_sigma:
+            raise ValueError("training learned-sigma networks (hybrid VLB loss) is not supported; set learned_sigma = false")
+        a, b = (expand_like(c, x0) for c in self.schedule.alpha_sigma(t))
+        x_t = a * x0 + b * eps
+        out = self._net(x_t, t, cond)
+        target = training_target(self.prediction, x0, eps, a, b)
+        mse = (out.float() - target.float()).square().flatten(1).mean(1)
+        if not min_snr_gamma:
+            return mse
+        snr = self.schedule.snr(t).to(x0.device, torch.float32)
+        w0 = x0_weight(self.prediction, a, b).flatten().float()
+        return mse * torch.where(w0 > 0, snr.clamp(max=min_snr_gamma) / w0, torch.ones_like(w0))
+

@@ -69,6 +69,20 @@ def training_target(kind: str, x0: Tensor, eps: Tensor, a: Tensor, b: Tensor) ->
     raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
 
 
+def x0_weight(kind: str, a: Tensor, b: Tensor) -> Tensor:
+    """||d target / d x0||^2 at fixed x_t: the weight a kind's MSE puts on the x0 error
+    (eps: SNR, x0: 1, v: (a^2 + b^2)^2 / b^2 = SNR + 1 for VP, flow: (a + b)^2 / b^2)."""
+    if kind == "eps":
+        return (a / b) ** 2
+    if kind == "x0":
+        return torch.ones_like(a)
+    if kind == "v":
+        return (a * a + b * b) ** 2 / b**2
+    if kind == "flow":
+        return (a + b) ** 2 / b**2
+    raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
+
+
 def expand_like(c: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample coefficient [B] (or scalar) to broadcast against x [B, ...], in x's dtype."""
     c = torch.as_tensor(c, device=x.device).to(x.dtype)

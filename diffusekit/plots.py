@@ -31,3 +31,37 @@ def scatter_png(path: str | Path, series: Sequence[tuple[str, torch.Tensor]], si
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def line_png(path: str | Path, x: Sequence[float], series: Sequence[tuple[str, Sequence[float]]], size: tuple[int, int] = (640, 360),
+             title: str = "", log_y: bool = False) -> Path:
+    """Line plot of one or more series over x (e.g. a loss curve); returns the path."""
+    W, H, m = size[0], size[1], 40
+    ys = torch.tensor([v for _, s in series for v in s], dtype=torch.float64)
+    ys = ys.log10() if log_y else ys
+    lo, hi = ys.min().item(), ys.max().item()
+    x0, x1 = min(x), max(x)
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((m, m // 2, W - m // 2, H - m), outline="black")
+
+    def to_px(xv: float, yv: float) -> tuple[float, float]:
+        yv = torch.tensor(yv).log10().item() if log_y else yv
+        u = m + (xv - x0) / max(x1 - x0, 1e-12) * (W - 1.5 * m)
+        return u, H - m - (yv - lo) / max(hi - lo, 1e-12) * (H - 1.5 * m)
+
+    for k, (name, s) in enumerate(series):
+        colour = COLORS[k % len(COLORS)]
+        draw.line([to_px(a, b) for a, b in zip(x, s)], fill=colour, width=2)
+        draw.text((m + 6, m // 2 + 4 + 12 * k), name, fill=colour)
+    fmt = (lambda v: f"1e{v:.1f}") if log_y else (lambda v: f"{v:.3g}")
+    draw.text((2, m // 2), fmt(hi), fill="black")
+    draw.text((2, H - m - 10), fmt(lo), fill="black")
+    draw.text((m, H - m + 4), f"{x0:g}", fill="black")
+    draw.text((W - m - 20, H - m + 4), f"{x1:g}", fill="black")
+    if title:
+        draw.text((W // 2 - 3 * len(title), H - 16), title, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -34,7 +34,7 @@ class UNetConfig:
     mid_attention: bool = True
     num_heads: PerLevel = 8                  # heads per level (SD 1.x: 8 everywhere); unused if head_dim is set
     head_dim: int | None = None              # channels per head instead (SD 2.x, SDXL: 64)
-    context_dim: int | None = 768            # cross-attention width of the text tokens; None: self-attention only
+    context_dim: int | None = 768            # cross-attention width of the text tokens; None or 0: self-attention only
     transformer_depth: PerLevel = 1          # transformer blocks per attention, per level (SDXL: 1, 2, 10)
     dropout: float = 0.0
     norm_groups: int = 32
@@ -180,7 +180,7 @@ class UNet(nn.Module):
     def _attn(self, ch: int, level: int) -> nn.Module:
         c = self.config
         heads = ch // c.head_dim if c.head_dim else per_level(c.num_heads, level)
-        if c.context_dim is None:
+        if not c.context_dim:
             return SelfAttention2d(ch, heads, c.norm_groups, c.norm_eps)
         return SpatialTransformer(ch, heads, per_level(c.transformer_depth, level), c.context_dim, c.norm_groups)
 
@@ -198,7 +198,7 @@ class UNet(nn.Module):
     @property
     def uses_context(self) -> bool:
         c = self.config
-        return c.context_dim is not None and (c.mid_attention or len(c.attention_levels) > 0)
+        return bool(c.context_dim) and (c.mid_attention or len(c.attention_levels) > 0)
 
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor | None = None, class_labels: Tensor | None = None,
                 pooled: Tensor | None = None, time_ids: Tensor | None = None, concat: Tensor | None = None) -> Tensor:

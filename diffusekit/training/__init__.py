@@ -1,0 +1,1 @@
+"""Training: data, the diffusion trainer, the autoencoder trainer."""

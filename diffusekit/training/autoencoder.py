@@ -1,0 +1,172 @@
+"""The autoencoder trainer of latent diffusion (SPEC §6; Rombach et al. 2022, Esser et al. 2021).
+
+loss = L1(x, x_hat) [+ w_p LPIPS] + w_kl KL (KL model) or the codebook loss (VQ model)
+       + lambda * w_d * adversarial hinge loss of a PatchGAN discriminator (from `disc_start` on),
+with lambda the adaptive weight ||grad nll|| / ||grad g_loss|| at the decoder's last layer. At the end
+the latent scaling factor is set to 1 / std of the latents of the data, so that diffusion sees unit
+variance. Shares data order, checkpoints, logging and multi-process handling with the diffusion trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..checkpoints import build, save_pretrained
+from ..images import save_grid
+from .config import TrainConfig, to_dict
+from .loop import Batches, Processes, StopRequest, learning_rate, make_dataset, plot_log
+from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): strided 4x4 convs -> one logit per overlapping patch."""
+
+    def __init__(self, in_channels: int, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            mods += [nn.Conv2d(ch, out, 4, 2 if i < layers else 1, 1, bias=False), nn.GroupNorm(1, out), nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def perceptual_loss(device: torch.device) -> nn.Module | None:
+    """LPIPS (Zhang et al. 2018) if the `lpips` package and its backbone weights are available locally,
+    else None with a warning (no download is attempted)."""
+    try:
+        import lpips
+
+        return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+    except Exception as e:  # missing package, or weights that would have to be downloaded
+        warnings.warn(f"LPIPS perceptual loss unavailable ({type(e).__name__}: {e}); "
+                      "training with L1 + adversarial + KL only, which gives blurrier reconstructions")
+        return None
+
+
+def adaptive_weight(nll: Tensor, g_loss: Tensor, last: Tensor) -> Tensor:
+    """lambda = ||d nll / d w_last|| / (||d g_loss / d w_last|| + 1e-4), clamped to [0, 1e4] (LDM)."""
+    g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    return (g_nll.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+@torch.no_grad()
+def estimate_scaling(ae: nn.Module, dataset, n: int, device: torch.device) -> float:
+    """1 / std of the unscaled latents (posterior means, or VQ encodings) of the first n images."""
+    images = torch.stack([dataset[i]["image"] for i in range(min(n, len(dataset)))])
+    z = torch.cat([ae.unscale(ae.to_latent(chunk.to(device))) for chunk in images.split(256)])
+    return 1.0 / z.float().std().item()
+
+
+def train_autoencoder(cfg: TrainConfig, resume: bool = True) -> Path:
+    """Train a KL or VQ autoencoder as configured; returns the model folder (with its scaling factor)."""
+    procs = Processes.init(cfg.train.device)
+    device, T, A = procs.device, cfg.train, cfg.autoencoder
+    out = Path(T.out_dir)
+    dataset = make_dataset(cfg.data, T.seed)
+    torch.manual_seed(T.seed)
+    ae = build(cfg.model.type, cfg.model.config, device=device)
+    disc = PatchDiscriminator(ae.config.out_channels, A.disc_channels, A.disc_layers).to(device)
+    opt = torch.optim.AdamW(ae.parameters(), lr=T.lr, betas=(0.5, 0.9), weight_decay=T.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=A.disc_lr, betas=(0.5, 0.9))
+    generator, progress = torch.Generator().manual_seed(T.seed), Progress()
+    modules, optimizers = {"model": ae, "disc": disc}, {"opt": opt, "opt_d": opt_d}
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    if ckpt is not None:
+        progress = load_checkpoint(ckpt, modules, optimizers, generator)
+    lpips = perceptual_loss(device) if A.perceptual_weight > 0 else None
+    model = nn.parallel.DistributedDataParallel(ae) if procs.world > 1 else ae
+    d_model = nn.parallel.DistributedDataParallel(disc) if procs.world > 1 else disc
+    last = ae.decoder.conv_out.weight
+    config_dict = to_dict(cfg)
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_dict, indent=1))
+    fixed = torch.stack([dataset[i]["image"] for i in range(8)]).to(device)
+
+    data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
+    bar = tqdm(total=T.steps, initial=progress.step, disable=not procs.main, desc="training autoencoder")
+    t_last, seen = time.perf_counter(), 0
+    with StopRequest(procs) as stop:
+        while progress.step < T.steps:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, progress.step)
+            x = procs.shard(next(data)["image"]).to(device)
+            adversarial = progress.step >= A.disc_start
+            log = step_autoencoder(model, d_model, ae, lpips, last, x, cfg, adversarial, opt, opt_d, generator)
+            progress.step += 1
+            seen += len(x) * procs.world
+            bar.update(1)
+            if procs.main and (progress.step % T.log_every == 0 or progress.step == T.steps):
+                log.update(step=progress.step, img_per_s=seen / (time.perf_counter() - t_last))
+                bar.set_postfix(rec=f"{log['loss']:.4f}", img_s=f"{log['img_per_s']:.1f}")
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(log) + "\n")
+                t_last, seen = time.perf_counter(), 0
+            if procs.main and (progress.step % T.sample_every == 0 or progress.step == T.steps):
+                with torch.no_grad():
+                    rec = ae.from_latent(ae.to_latent(fixed))
+                save_grid(torch.cat([fixed, rec.clamp(-1, 1)]), out / "samples" / f"step_{progress.step:07d}.png",
+                          nrow=8, row_labels=["input", "recon"], scale=2)
+            stopping = stop.requested()
+            if (progress.step % T.ckpt_every == 0 or progress.step == T.steps or stopping) and procs.main:
+                save_checkpoint(out / "checkpoints", progress, modules, optimizers, generator, config_dict, keep=T.keep_last)
+            if stopping:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, run again to resume")
+    bar.close()
+    if procs.main:
+        ae.eval()
+        ae.config.scaling_factor = estimate_scaling(ae, dataset, A.scale_samples, device)
+        save_pretrained(ae, out / "model", extra={"image": {"resolution": [cfg.data.resolution] * 2,
+                                                           "channels": cfg.data.channels}})
+        plot_log(out)
+        print(f"latent scaling factor 1 / std = {ae.config.scaling_factor:.4f}")
+    return out / "model"
+
+
+def step_autoencoder(model: nn.Module, d_model: nn.Module, ae: nn.Module, lpips: nn.Module | None, last: Tensor,
+                     x: Tensor, cfg: TrainConfig, adversarial: bool, opt: torch.optim.Optimizer,
+                     opt_d: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, Any]:
+    """One generator step and (once adversarial) one discriminator step; returns the logged losses."""
+    A = cfg.autoencoder
+    if cfg.model.type == "autoencoder_kl":
+        x_hat, posterior = model(x, generator)
+        reg = A.kl_weight * posterior.kl().mean()
+    else:
+        x_hat, reg, _ = model(x)
+    rec = (x - x_hat).abs().mean()
+    nll = rec + (A.perceptual_weight * lpips(x_hat, x).mean() if lpips is not None else 0)
+    loss, log = nll + reg, {"loss": rec.item(), "reg": reg.item()}
+    if adversarial:
+        g_loss = -d_model(x_hat).mean()
+        weight = adaptive_weight(nll, g_loss, last) * A.disc_weight
+        loss = loss + weight * g_loss
+        log.update(g_loss=g_loss.item(), adaptive_weight=weight.item())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(ae.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+    opt.step()
+    if adversarial:
+        real, fake = d_model(x), d_model(x_hat.detach())
+        d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        log["d_loss"] = d_loss.item()
+    return log

@@ -1,0 +1,186 @@
+"""Datasets: bundled MNIST, folders of images with labels or captions, procedural captioned shapes.
+
+Every dataset returns samples as dicts: `image` [C, H, W] float in [-1, 1] and, where present,
+`label` (int), `caption` (str), `original_size` (h, w) and `crop_top_left` (top, left) for SDXL-style
+micro-conditioning. Randomness (crops, flips, shapes) is a pure function of (seed, epoch, index), so a
+resumed run sees exactly the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor
+from torch.utils.data import Dataset
+
+MNIST_PATH = Path(__file__).resolve().parent.parent / "assets" / "mnist10k.npz"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def to_tensor(img: Image.Image, channels: int) -> Tensor:
+    """PIL image -> [C, H, W] float in [-1, 1]."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div(127.5).sub(1)
+    return x[None] if channels == 1 else x.permute(2, 0, 1)
+
+
+class MNIST(Dataset):
+    """The bundled 10,000 MNIST digits (MIT), as 1-channel images at `resolution` (resized) with
+    `pad` pixels of background added around each digit first (28 + 2*2 = 32 for power-of-two models)."""
+
+    num_classes = 10
+
+    def __init__(self, resolution: int = 28, pad: int = 0, indices: slice | None = None, path: Path = MNIST_PATH):
+        data = np.load(path)
+        x = torch.from_numpy(data["images"]).float().div(127.5).sub(1)[:, None]  # (N, 1, 28, 28) in [-1, 1]
+        x = F.pad(x, (pad,) * 4, value=-1.0)
+        if x.shape[-1] != resolution:
+            x = F.interpolate(x, size=(resolution, resolution), mode="area" if x.shape[-1] > resolution else "bilinear")
+        sl = indices or slice(None)
+        self.images, self.labels = x[sl].contiguous(), torch.from_numpy(data["labels"]).long()[sl]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+    def get_batch(self, indices: list[int]) -> dict[str, Tensor]:
+        """Fast path for in-memory data: a whole batch by fancy indexing."""
+        idx = torch.as_tensor(indices)
+        return {"image": self.images[idx], "label": self.labels[idx]}
+
+
+@dataclass
+class Crop:
+    """Resize the shorter side to `resolution`, crop a square (centre or random), optional random flip."""
+
+    resolution: int
+    random_crop: bool = False
+    random_flip: bool = False
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+        original = (img.height, img.width)
+        s = self.resolution / min(img.size)
+        w, h = max(self.resolution, round(img.width * s)), max(self.resolution, round(img.height * s))
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+        top = rng.randint(0, h - self.resolution) if self.random_crop else (h - self.resolution) // 2
+        left = rng.randint(0, w - self.resolution) if self.random_crop else (w - self.resolution) // 2
+        img = img.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img, original, (top, left)
+
+
+class ImageFolder(Dataset):
+    """A folder of images, optionally with `metadata.jsonl` lines {"file_name", "text"|"caption", "label"}
+    (the diffusers / Hugging Face ImageFolder layout) or a caption in a .txt beside each image (kohya).
+    Unreadable files are reported (path and reason) and replaced by the next readable one."""
+
+    def __init__(self, root: str | Path, resolution: int, channels: int = 3, random_crop: bool = False,
+                 random_flip: bool = False, seed: int = 0):
+        self.root, self.channels, self.seed, self.epoch = Path(root), channels, seed, 0
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {self.root} does not exist")
+        self.crop = Crop(resolution, random_crop, random_flip)
+        meta = self._metadata()
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.items = [(p, meta.get(p.relative_to(self.root).as_posix(), {})) for p in files]
+        for p, m in self.items:
+            if "caption" not in m and p.with_suffix(".txt").is_file():
+                m["caption"] = p.with_suffix(".txt").read_text().strip()
+        if not self.items:
+            raise ValueError(f"no images found in {self.root} (looked for {sorted(IMAGE_SUFFIXES)})")
+        self.bad: dict[str, str] = {}
+
+    def _metadata(self) -> dict[str, dict[str, Any]]:
+        path, out = self.root / "metadata.jsonl", {}
+        if path.is_file():
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                        name = rec.pop("file_name")
+                    except (json.JSONDecodeError, KeyError) as e:
+                        raise ValueError(f"{path}:{n}: expected a JSON object with file_name ({e})") from e
+                    if "text" in rec:
+                        rec["caption"] = rec.pop("text")
+                    out[name] = rec
+        return out
+
+    @property
+    def num_classes(self) -> int | None:
+        labels = [m["label"] for _, m in self.items if "label" in m]
+        return max(labels) + 1 if labels else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        for k in range(len(self.items)):
+            path, meta = self.items[(i + k) % len(self.items)]
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    rng = random.Random(hash((self.seed, self.epoch, i)))
+                    img, original, crop = self.crop(img, rng)
+                    sample = {"image": to_tensor(img, self.channels), "original_size": original, "crop_top_left": crop}
+                return {**sample, **{k_: v for k_, v in meta.items() if k_ in ("label", "caption")}}
+            except (OSError, ValueError, SyntaxError) as e:
+                if str(path) not in self.bad:
+                    self.bad[str(path)] = str(e)
+                    warnings.warn(f"skipping unreadable image {path}: {e}")
+        raise ValueError(f"no readable image in {self.root}")
+
+
+SHAPES, COLOURS = ("circle", "square", "triangle"), {"red": (220, 40, 40), "green": (40, 180, 60),
+                                                      "blue": (50, 80, 220), "yellow": (230, 200, 40)}
+RELATIONS = {"above": (0, -1), "below": (0, 1), "left of": (-1, 0), "right of": (1, 0)}
+
+
+class Shapes(Dataset):
+    """Procedural captioned images for testing text conditioning: one or two coloured shapes with a
+    compositional caption such as "a small red circle above a blue square". Sample i is a pure function
+    of (seed, i)."""
+
+    def __init__(self, resolution: int = 32, size: int = 10_000, seed: int = 0):
+        self.resolution, self.size, self.seed = resolution, size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _draw(self, draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float) -> None:
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif shape == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rng, R = random.Random(hash((self.seed, i))), self.resolution
+        img = Image.new("RGB", (R, R), (245, 245, 245))
+        draw = ImageDraw.Draw(img)
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        if rng.random() < 0.5:  # two small shapes in a spatial relation
+            shape2, colour2, relation = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(RELATIONS))
+            dx, dy = RELATIONS[relation]
+            self._draw(draw, shape, colour, R / 2 + dx * R / 4, R / 2 + dy * R / 4, R / 8)
+            self._draw(draw, shape2, colour2, R / 2 - dx * R / 4, R / 2 - dy * R / 4, R / 8)
+            caption = f"a small {colour} {shape} {relation} a {colour2} {shape2}"
+        else:
+            size = rng.choice(["small", "large"])
+            self._draw(draw, shape, colour, R / 2, R / 2, R / 8 if size == "small" else R / 3.2)
+            caption = f"a {size} {colour} {shape}"
+        return {"image": to_tensor(img, 3), "caption": caption}

@@ -1,0 +1,425 @@
+"""The diffusion trainer: `train(cfg)` reads top to bottom (SPEC §1, §4, §5, §6).
+
+data -> (frozen autoencoder latents) -> conditions with CFG dropout -> t, eps -> denoiser.loss ->
+AdamW (+ warm-up, clipping, accumulation) -> EMA -> logs, sample grids, atomic checkpoints.
+All training randomness (t, noise, condition dropout, posterior samples, data order) comes from one
+seeded generator over the *global* batch, so a resumed run, or the same run on K processes, computes
+exactly what one uninterrupted process would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..checkpoints import build, from_pretrained
+from ..conditioning import load_text_encoder, micro_conditioning
+from ..denoisers import NetworkDenoiser
+from ..images import save_grid
+from ..pipelines.common import DiffusionSettings, Pipeline, generate, save_pipeline
+from ..plots import line_png
+from .config import DataSection, TrainConfig, to_dict
+from .data import MNIST, ImageFolder, Shapes
+from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Processes:
+    """This process's place in a (torchrun) group: rank, world size, device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def init(cls, device: str) -> "Processes":
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(f"cuda:{local}" if device == "cuda" else device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(int(os.environ.get("RANK", 0)), world, dev)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, x: Tensor) -> Tensor:
+        """This process's slice of a global batch."""
+        n = len(x) // self.world
+        return x[self.rank * n:(self.rank + 1) * n]
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_dataset(cfg: DataSection, seed: int = 0):
+    """The dataset a config names."""
+    if cfg.dataset == "mnist":
+        return MNIST(cfg.resolution, cfg.pad, slice(0, 10_000 - cfg.holdout))
+    if cfg.dataset == "folder":
+        return ImageFolder(cfg.path, cfg.resolution, cfg.channels, cfg.random_crop, cfg.random_flip, seed)
+    if cfg.dataset == "shapes":
+        return Shapes(cfg.resolution, cfg.size, seed)
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: mnist, folder, shapes")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = values if isinstance(values[0], str) else torch.stack([torch.as_tensor(v) for v in values])
+    return out
+
+
+class Batches:
+    """Global batches in a seeded per-epoch permutation, resumable from (epoch, batch)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, progress: Progress):
+        if len(dataset) < batch_size:
+            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
+        self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, num_workers
+        self.progress = progress
+
+    def _order(self, epoch: int) -> list[list[int]]:
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        n = len(perm) // self.batch_size
+        return perm[:n * self.batch_size].reshape(n, self.batch_size).tolist()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            p = self.progress
+            order = self._order(p.epoch)[p.batch:]
+            if hasattr(self.dataset, "epoch"):
+                self.dataset.epoch = p.epoch
+            if hasattr(self.dataset, "get_batch"):
+                batches = (self.dataset.get_batch(b) for b in order)
+            else:
+                batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=order, collate_fn=collate,
+                                                           num_workers=self.workers))
+            for batch in batches:
+                p.batch += 1
+                yield batch
+            p.epoch, p.batch = p.epoch + 1, 0
+
+
+class LatentCache:
+    """A dataset encoded once by a frozen KL autoencoder: posterior means and stds in memory (and on
+    disk, keyed by the autoencoder and data), with the labels or captions of the images."""
+
+    def __init__(self, dataset, ae: nn.Module, path: Path, device: torch.device, main: bool):
+        if getattr(dataset, "crop", None) is not None and (dataset.crop.random_crop or dataset.crop.random_flip):
+            raise ValueError("latent caching needs deterministic images: turn off random_crop / random_flip or latent.cache")
+        if main and not path.is_file():
+            self._encode(dataset, ae, path, device)
+        if dist.is_initialized():
+            dist.barrier()
+        from safetensors.torch import load_file
+
+        data = load_file(path)
+        self.mean, self.std = data["mean"], data["std"]
+        self.labels = data.get("label")
+        self.captions = json.loads((path.with_suffix(".json")).read_text()) if path.with_suffix(".json").is_file() else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _encode(dataset, ae: nn.Module, path: Path, device: torch.device) -> None:
+        from safetensors.torch import save_file
+
+        means, stds, labels, captions = [], [], [], []
+        for i in tqdm(range(0, len(dataset), 64), desc="encoding latents"):
+            batch = collate([dataset[j] for j in range(i, min(i + 64, len(dataset)))])
+            post = ae.encode(batch["image"].to(device, next(ae.parameters()).dtype))
+            means.append(post.mean.float().cpu())
+            stds.append(post.std.float().cpu())
+            labels += batch.get("label", torch.empty(0)).tolist()
+            captions += batch.get("caption", [])
+        tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}
+        if labels:
+            tensors["label"] = torch.tensor(labels)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, tmp)
+        if captions:
+            path.with_suffix(".json").write_text(json.dumps(captions))
+        os.replace(tmp, path)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def get_batch(self, indices: list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices)
+        batch: dict[str, Any] = {"mean": self.mean[idx], "std": self.std[idx]}
+        if self.labels is not None:
+            batch["label"] = self.labels[idx]
+        if self.captions is not None:
+            batch["caption"] = [self.captions[i] for i in indices]
+        return batch
+
+
+# ----------------------------------------------------------------------------- conditions
+
+class Conditioner:
+    """A batch's conditions for the network, the null conditions, and CFG dropout."""
+
+    def __init__(self, net: nn.Module, num_classes: int | None, text_encoder: Any, resolution: tuple[int, int]):
+        self.keys = set(getattr(net, "cond_keys", ()))
+        self.num_classes, self.text_encoder, self.resolution = num_classes, text_encoder, resolution
+        self._empty = None
+
+    def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+        cond: dict[str, Tensor] = {}
+        if "class_labels" in self.keys:
+            cond["class_labels"] = batch["label"].to(device)
+        if "context" in self.keys:
+            cond["context"], pooled = self.text_encoder(batch["caption"])
+            if "pooled" in self.keys:
+                cond["pooled"] = pooled
+        if "time_ids" in self.keys:
+            n = len(batch["image"])
+            orig = batch.get("original_size", torch.tensor(self.resolution).expand(n, 2))
+            crop = batch.get("crop_top_left", torch.zeros(n, 2))
+            cond["time_ids"] = micro_conditioning(orig, crop, self.resolution).to(device)
+        return cond
+
+    def null(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The null condition for each key (null class, empty prompt); micro-conditioning is kept."""
+        null = dict(cond)
+        if "class_labels" in cond:
+            null["class_labels"] = torch.full_like(cond["class_labels"], self.num_classes)
+        if "context" in cond:
+            if self._empty is None:
+                self._empty = self.text_encoder([""])
+            tokens, pooled = self._empty
+            null["context"] = tokens.expand_as(cond["context"])
+            if "pooled" in cond:
+                null["pooled"] = pooled.expand_as(cond["pooled"])
+        return null
+
+    def drop(self, cond: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        """Replace the condition of samples where mask is True by the null condition (p_uncond)."""
+        null = self.null(cond)
+        return {k: torch.where(mask.reshape(-1, *[1] * (v.ndim - 1)).to(v.device), null[k], v) for k, v in cond.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class StopRequest:
+    """Turns the first SIGINT / SIGTERM into a request to stop at the next step boundary (so the
+    checkpoint written then is consistent); a second signal interrupts at once."""
+
+    def __init__(self, procs: Processes):
+        self.procs, self.flag, self.saved = procs, False, {}
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+        signal.signal(signum, self.saved[signum])
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+
+    def requested(self) -> bool:
+        """Whether any process was asked to stop (all processes agree)."""
+        if self.procs.world == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=self.procs.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to 0 at the last step."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1 + math.cos(math.pi * (step - t.warmup) / max(1, t.steps - t.warmup)))
+    return t.lr
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> Path:
+    """Train a diffusion model as configured; returns the exported model folder (EMA weights)."""
+    procs = Processes.init(cfg.train.device)
+    device, T = procs.device, cfg.train
+    out = Path(T.out_dir)
+    if T.batch_size % procs.world:
+        raise ValueError(f"batch_size {T.batch_size} must be divisible by the {procs.world} processes")
+
+    dataset = make_dataset(cfg.data, T.seed)
+    resolution = (cfg.data.resolution, cfg.data.resolution)
+    ae = None
+    if cfg.latent.autoencoder:
+        ae = from_pretrained(cfg.latent.autoencoder, device).eval().requires_grad_(False)
+    text_encoder = load_text_encoder(cfg.text.encoder, cfg.text.max_length, device) if cfg.text.encoder else None
+
+    torch.manual_seed(T.seed)  # initial weights (and dropout) draw from the global generator
+    net = build(cfg.model.type, cfg.model.config, device=device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    num_classes = getattr(dataset, "num_classes", None) if "class_labels" in getattr(net, "cond_keys", ()) else None
+    settings = DiffusionSettings(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.zero_terminal_snr,
+                                 cfg.diffusion.shift, cfg.diffusion.prediction, cfg.diffusion.timestep_scale)
+    pipe = Pipeline(ema, settings, resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder)
+    conditioner = Conditioner(net, num_classes, text_encoder, resolution)
+    opt = torch.optim.AdamW(net.parameters(), lr=T.lr, betas=T.betas, weight_decay=T.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=T.mixed_precision == "fp16")
+    generator = torch.Generator().manual_seed(T.seed)
+    progress = Progress()
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    if ckpt is not None:
+        progress = load_checkpoint(ckpt, {"model": net, "ema": ema}, {"opt": opt}, generator, scaler)
+        if procs.main:
+            print(f"resuming from {ckpt} (step {progress.step})")
+
+    if ae is not None and cfg.latent.cache:
+        dataset = LatentCache(dataset, ae, out / "latents.safetensors", device, procs.main)
+    model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
+    if T.compile:
+        model = torch.compile(model)
+    denoiser = NetworkDenoiser(model, pipe.schedule, settings.prediction, settings.timestep_scale)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if T.mixed_precision == "fp16" else torch.bfloat16,
+                              enabled=T.mixed_precision != "no")
+    config_dict = to_dict(cfg)
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_dict, indent=1))
+
+    def x0_of(batch: dict[str, Any]) -> Tensor:
+        """The global batch's diffusion-space data x0 (latents for latent models)."""
+        if "mean" in batch:  # cached posterior
+            n = torch.randn(batch["mean"].shape, generator=generator) if cfg.latent.sample_posterior else 0
+            return ae.scale((batch["mean"] + batch["std"] * n).to(device))
+        x = batch["image"].to(device)
+        if ae is None:
+            return x
+        with torch.no_grad():
+            return ae.to_latent(x.to(next(ae.parameters()).dtype), generator if cfg.latent.sample_posterior else None).float()
+
+    def checkpoint() -> None:
+        save_checkpoint(out / "checkpoints", progress, {"model": net, "ema": ema}, {"opt": opt}, generator, config_dict,
+                        scaler, T.keep_last)
+        save_pipeline(pipe, out / "model")
+
+    data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
+    bar = tqdm(total=T.steps, initial=progress.step, disable=not procs.main, desc="training")
+    window, t_last, seen = [], time.perf_counter(), 0
+    with StopRequest(procs) as stop:
+        while progress.step < T.steps:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, progress.step)
+            losses = []
+            for micro in range(T.grad_accum):
+                batch = next(data)
+                x0 = x0_of(batch)
+                cond = conditioner(batch, device)
+                B = len(x0)
+                t = pipe.schedule.sample_t(B, generator, cfg.diffusion.t_sampling, cfg.diffusion.logit_mean,
+                                           cfg.diffusion.logit_std)
+                eps = torch.randn(x0.shape, generator=generator)
+                if cfg.diffusion.offset_noise:
+                    eps = eps + cfg.diffusion.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator)
+                if cond and cfg.diffusion.p_uncond:
+                    cond = conditioner.drop(cond, torch.rand(B, generator=generator) < cfg.diffusion.p_uncond)
+                x0, t, eps = procs.shard(x0), procs.shard(t).to(device), procs.shard(eps.to(device))
+                cond = {k: procs.shard(v) for k, v in cond.items()}
+                sync = micro == T.grad_accum - 1 or procs.world == 1
+                with (model.no_sync() if not sync else torch.enable_grad()), autocast:
+                    loss = denoiser.loss(x0, t, eps, cond, cfg.diffusion.min_snr_gamma or None).mean()
+                scaler.scale(loss / T.grad_accum).backward()
+                losses.append(loss.detach())
+                seen += B
+            scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), T.grad_clip if T.grad_clip > 0 else float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, net, T.ema_decay if progress.step >= T.warmup else 0.0)
+            progress.step += 1
+            bar.update(1)
+            window.append(torch.stack(losses).mean())
+
+            if progress.step % T.log_every == 0 or progress.step == T.steps:
+                loss_value = torch.stack(window).mean().item()
+                if not math.isfinite(loss_value):
+                    last = latest_checkpoint(out / "checkpoints")
+                    raise FloatingPointError(f"loss is {loss_value} at step {progress.step}; last good checkpoint: {last}")
+                rate = seen / (time.perf_counter() - t_last)
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+                if procs.main:
+                    record = {"step": progress.step, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
+                              "grad_norm": grad_norm.item(), "img_per_s": rate, "epoch": progress.epoch}
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                window, t_last, seen = [], time.perf_counter(), 0
+            if procs.main and (progress.step % T.sample_every == 0 or progress.step == T.steps):
+                sample_grid(cfg, pipe, out / "samples" / f"step_{progress.step:07d}.png")
+            stopping = stop.requested()
+            if (progress.step % T.ckpt_every == 0 or progress.step == T.steps or stopping) and procs.main:
+                checkpoint()
+            if stopping:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, run again to resume")
+    bar.close()
+    if procs.main:
+        plot_log(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out / "model"
+
+
+def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path) -> Path:
+    """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional."""
+    S = cfg.sample
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    labels, prompts, rows = None, None, None
+    if pipe.num_classes:
+        labels = torch.arange(pipe.num_classes).repeat_interleave(S.n)
+        rows = [str(c) for c in range(pipe.num_classes)]
+    elif pipe.text_encoder is not None:
+        base = S.prompts or ["a large red circle", "a small blue square above a green triangle"]
+        prompts = [p for p in base for _ in range(S.n)]
+        rows = base
+    n = len(labels) if labels is not None else len(prompts) if prompts else S.n * 4
+    was_training = pipe.net.training
+    images = generate(pipe, n, labels=labels, prompts=prompts, sampler=S.sampler, steps=S.steps,
+                      cfg_scale=S.cfg_scale, generator=g)
+    pipe.net.train(was_training)
+    return save_grid(images, path, nrow=S.n, row_labels=rows, scale=2)
+
+
+def plot_log(out: Path) -> None:
+    """loss.png from log.jsonl."""
+    log = out / "log.jsonl"
+    if log.is_file():
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if len(rows) > 1:
+            line_png(out / "loss.png", [r["step"] for r in rows], [("training loss", [r["loss"] for r in rows])],
+                     title="loss vs step", log_y=True)

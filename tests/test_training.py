@@ -1,0 +1,173 @@
+"""The trainers: presets run, losses fall, resumption is bit-exact, interruptions and NaNs are handled,
+two processes equal one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusekit.cli import main
+from diffusekit.denoisers import NetworkDenoiser
+from diffusekit.training import loop
+from diffusekit.training.autoencoder import train_autoencoder
+from diffusekit.training.config import load_config
+from diffusekit.training.state import latest_checkpoint
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = {
+    "unet": ["model.config.channels=8", "model.config.channel_mult=[1, 2]", "model.config.num_res_blocks=1",
+             "model.config.norm_groups=4", "model.config.attention_levels=[1]", "model.config.num_heads=2"],
+    "dit": ["model.config.hidden_size=32", "model.config.depth=1", "model.config.num_heads=2"],
+    "autoencoder_kl": ["model.config.channels=8", "model.config.groups=4"],
+}
+FAST = ["train.batch_size=8", "train.log_every=1", "train.sample_every=1000", "train.ckpt_every=1000",
+        "train.warmup=1", "sample.steps=2", "sample.n=1", "autoencoder.scale_samples=16"]
+
+
+def tiny(name: str, out: Path, *extra: str):
+    cfg = load_config(CONFIGS / name)
+    return load_config(CONFIGS / name, TINY[cfg.model.type] + FAST + [f"train.out_dir={json.dumps(str(out))}", *extra])
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step_{step:07d}" / "trainer.safetensors")
+
+
+def test_presets_load_and_build():
+    from diffusekit.checkpoints import build
+
+    names = sorted(p.name for p in CONFIGS.glob("*.toml"))
+    assert {"mnist_unet.toml", "mnist_autoencoder.toml", "mnist_ldm.toml", "shapes_autoencoder.toml",
+            "shapes_ldm.toml", "mnist_dit.toml"} <= set(names)
+    for name in names:
+        cfg = load_config(CONFIGS / name)
+        net = build(cfg.model.type, cfg.model.config, device="meta")
+        assert sum(p.numel() for p in net.parameters()) > 0
+
+
+@pytest.fixture(scope="module")
+def autoencoders(tmp_path_factory):
+    """Tiny trained-for-a-few-steps autoencoders for the latent presets."""
+    root = tmp_path_factory.mktemp("ae")
+    extra = {"mnist": [], "shapes": ["data.size=32"]}
+    return {name: train_autoencoder(tiny(f"{name}_autoencoder.toml", root / name, "train.steps=3",
+                                         "autoencoder.disc_start=1", *extra[name]))
+            for name in ("mnist", "shapes")}
+
+
+@pytest.mark.parametrize("preset", ["mnist_unet.toml", "mnist_dit.toml", "mnist_ldm.toml", "shapes_ldm.toml"])
+def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
+    extra = ["train.steps=3", "train.sample_every=3"]
+    if "ldm" in preset:
+        extra.append(f"latent.autoencoder={json.dumps(str(autoencoders[preset.split('_')[0]]))}")
+    if "shapes" in preset:
+        extra.append("data.size=64")
+    model = loop.train(tiny(preset, tmp_path, *extra))
+    rows = log(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
+    assert (tmp_path / "samples" / "step_0000003.png").is_file() and (tmp_path / "loss.png").is_file()
+    assert (model / "model.safetensors").is_file()
+    assert (model / "autoencoder").is_dir() == ("ldm" in preset)
+
+
+def test_autoencoder_trainer_adversarial_start_and_scaling(autoencoders, tmp_path):
+    out = tmp_path / "ae"
+    model = train_autoencoder(tiny("mnist_autoencoder.toml", out, "train.steps=4", "autoencoder.disc_start=2"))
+    rows = log(out)
+    assert "g_loss" not in rows[0] and "g_loss" in rows[-1] and "d_loss" in rows[-1]
+    cfg = json.loads((model / "config.json").read_text())
+    from diffusekit.checkpoints import from_pretrained
+    from diffusekit.training.data import MNIST
+
+    ae = from_pretrained(model)
+    z = ae.to_latent(MNIST(32, pad=2).images[:16])
+    assert abs(z.std().item() - 1) < 1e-4 and cfg["config"]["scaling_factor"] > 0
+
+
+def test_overfitting_a_handful_of_images_lowers_the_loss(tmp_path):
+    cfg = tiny("mnist_unet.toml", tmp_path, "train.steps=80", "data.holdout=9992", "train.lr=3e-3",
+               "diffusion.min_snr_gamma=0", "model.config.channels=16", "train.log_every=10")
+    loop.train(cfg)
+    losses = [r["loss"] for r in log(tmp_path)]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_resume_is_bit_exact(tmp_path):
+    args = ["train.ckpt_every=3", "model.config.dropout=0.1"]  # dropout draws from the global RNG
+    loop.train(tiny("mnist_unet.toml", tmp_path / "a", "train.steps=6", *args))
+    loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=3", *args))
+    loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=6", *args))
+    a, b = weights(tmp_path / "a", 6), weights(tmp_path / "b", 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loop.train(tiny("mnist_unet.toml", tmp_path / "c", "train.steps=6", "train.seed=1", *args))
+    c = weights(tmp_path / "c", 6)  # negative control: another seed gives other weights
+    assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("model."))
+
+
+def test_interrupt_checkpoints_at_a_step_boundary_and_resumes(tmp_path, monkeypatch):
+    loop.train(tiny("mnist_unet.toml", tmp_path / "a", "train.steps=5"))
+    ema = loop.update_ema
+    calls = []
+
+    def interrupting_ema(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 3
+        ema(*a, **k)
+
+    monkeypatch.setattr(loop, "update_ema", interrupting_ema)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+        loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=5"))
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_0000003"
+    monkeypatch.setattr(loop, "update_ema", ema)
+    loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=5"))
+    a, b = weights(tmp_path / "a", 5), weights(tmp_path / "b", 5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_is_an_error_naming_the_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(NetworkDenoiser, "loss", lambda self, x0, *a, **k: self.net(x0, torch.zeros(len(x0)),
+                        class_labels=torch.zeros(len(x0), dtype=torch.long)).mean() * float("nan"))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        loop.train(tiny("mnist_unet.toml", tmp_path, "train.steps=3"))
+
+
+def test_checkpoints_keep_the_last_k_and_ignore_partial_ones(tmp_path):
+    loop.train(tiny("mnist_unet.toml", tmp_path, "train.steps=4", "train.ckpt_every=1", "train.keep_last=2"))
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000003", "step_0000004"]
+    (root / ".tmp-step_0000005-1").mkdir()  # what a crash during a save leaves behind
+    (root / "step_0000009").mkdir()  # a folder without trainer.json is not a checkpoint
+    assert latest_checkpoint(root).name == "step_0000004"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+def test_two_processes_equal_one(tmp_path):
+    cfg = CONFIGS / "mnist_unet.toml"
+    sets = [f"--set={s}" for s in TINY["unet"] + FAST + ["train.steps=3", "train.ckpt_every=3"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    "-m", "diffusekit.cli", "train", str(cfg), *sets, f"--set=train.out_dir={json.dumps(str(tmp_path / 'ddp'))}"],
+                   check=True, env=env, capture_output=True)
+    main(["train", str(cfg), *sets, f"--set=train.out_dir={json.dumps(str(tmp_path / 'one'))}"])
+    a, b = weights(tmp_path / "ddp", 3), weights(tmp_path / "one", 3)
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_unknown_config_key_names_it(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown config key 'train.learning_rate'.*'lr'"):
+        main(["train", str(CONFIGS / "mnist_unet.toml"), "--set", "train.learning_rate=1"])
+    with pytest.raises(SystemExit, match="unknown config key 'dat'"):
+        main(["train", str(CONFIGS / "mnist_unet.toml"), "--set", "dat.resolution=1"])
