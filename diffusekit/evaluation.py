@@ -1,0 +1,244 @@
+"""Sample quality: Frechet distance, KID, precision / recall, in the feature space of a pluggable
+extractor, and class accuracy of class-conditional samples.
+
+Extractors: the project's MNIST classifier (trained here, shipped in diffusekit/assets) and
+Inception-v3 when its FID weights exist locally (pytorch-fid's InceptionV3 with a local .pth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoints import from_pretrained, register, save_pretrained
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MNIST_CLASSIFIER = ASSETS / "mnist_classifier"
+Features = Callable[[Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _sqrtm_psd(m: Tensor) -> Tensor:
+    """Square root of a symmetric positive semi-definite matrix (float64)."""
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with tr((S1 S2)^1/2) = tr((S1^1/2 S2 S1^1/2)^1/2)."""
+    mu1, sigma1, mu2, sigma2 = (v.double() for v in (mu1, sigma1, mu2, sigma2))
+    r1 = _sqrtm_psd(sigma1)
+    cross = torch.linalg.eigvalsh(r1 @ sigma2 @ r1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * cross).item()
+
+
+def moments(f: Tensor) -> tuple[Tensor, Tensor]:
+    f = f.double()
+    return f.mean(0), torch.cov(f.T)
+
+
+def kid(f1: Tensor, f2: Tensor, subsets: int = 20, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / d + 1)^3,
+    mean and std over random subsets."""
+    g = torch.Generator().manual_seed(seed)
+    f1, f2 = f1.double(), f2.double()
+    m = min(subset_size, len(f1), len(f2))
+    d = f1.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=g)[:m]]
+        y = f2[torch.randperm(len(f2), generator=g)[:m]]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = 1 - torch.eye(m, dtype=torch.float64)
+        values.append(((kxx * off).sum() + (kyy * off).sum()) / (m * (m - 1)) - 2 * kxy.mean())
+    v = torch.stack(values)
+    return v.mean().item(), v.std().item()
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of fake samples inside the
+    real k-NN manifold, and of real samples inside the fake one."""
+
+    def inside(ref: Tensor, query: Tensor) -> float:
+        radii = torch.cdist(ref, ref).kthvalue(k + 1, dim=1).values  # k-th neighbour, self excluded
+        return (torch.cdist(query, ref) <= radii[None]).any(1).double().mean().item()
+
+    real, fake = real.double(), fake.double()
+    return inside(real, fake), inside(fake, real)
+
+
+@dataclass
+class Report:
+    frechet: float
+    kid: float
+    kid_std: float
+    precision: float
+    recall: float
+
+    def __str__(self) -> str:
+        return (f"Frechet distance {self.frechet:.3f}, KID {self.kid:.4f} +- {self.kid_std:.4f}, "
+                f"precision {self.precision:.3f}, recall {self.recall:.3f}")
+
+
+def compare(real: Tensor, fake: Tensor) -> Report:
+    """All distribution metrics between two feature sets [N, d]."""
+    fd = frechet_distance(*moments(real), *moments(fake))
+    return Report(fd, *kid(real, fake), *precision_recall(real, fake))
+
+
+@torch.no_grad()
+def extract(features: Features, images: Tensor, batch: int = 500) -> Tensor:
+    return torch.cat([features(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+# ----------------------------------------------------------------------------- MNIST classifier
+
+@dataclass
+class MNISTClassifierConfig:
+    width: int = 32
+    feature_dim: int = 128
+
+
+@register("mnist_classifier")
+class MNISTClassifier(nn.Module):
+    """A small CNN for 28x28 digits in [-1, 1] (other sizes are resized): features() gives the
+    penultimate [B, feature_dim] activations, forward() the 10 logits."""
+
+    config_class = MNISTClassifierConfig
+
+    def __init__(self, config: MNISTClassifierConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.body = nn.Sequential(block(1, w), block(w, 2 * w), block(2 * w, 4 * w))  # 28 -> 14 -> 7 -> 3
+        self.proj = nn.Linear(4 * w * 9, config.feature_dim)
+        self.head = nn.Linear(config.feature_dim, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 3:
+            x = x.mean(1, keepdim=True)
+        if x.shape[-2:] != (28, 28):
+            x = F.interpolate(x.float(), size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+        return F.relu(self.proj(self.body(x).flatten(1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def train_mnist_classifier(steps: int = 3000, batch: int = 128, holdout: int = 1000, seed: int = 0,
+                           progress: bool = True) -> tuple[MNISTClassifier, float]:
+    """Train on the first 9,000 bundled digits (random shifts of up to 2 pixels), return the model and its
+    accuracy on the held-out last 1,000."""
+    from .training.data import MNIST
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    train, test = MNIST(indices=slice(0, 10_000 - holdout)), MNIST(indices=slice(10_000 - holdout, None))
+    model = MNISTClassifier(MNISTClassifierConfig())
+    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    for _ in tqdm(range(steps), disable=not progress, desc="training the MNIST classifier"):
+        idx = torch.randint(0, len(train), (batch,), generator=g)
+        x = F.pad(train.images[idx], (2, 2, 2, 2), value=-1)
+        dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
+        x = x[..., dy:dy + 28, dx:dx + 28]
+        loss = F.cross_entropy(model(x), train.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return model, class_accuracy(model, test.images, test.labels)
+
+
+@torch.no_grad()
+def class_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor) -> float:
+    """Fraction of images the classifier assigns to the given labels."""
+    preds = torch.cat([classifier(images[i:i + 500]).argmax(1) for i in range(0, len(images), 500)])
+    return (preds == labels.to(preds.device)).double().mean().item()
+
+
+def load_mnist_classifier(path: str | Path = MNIST_CLASSIFIER) -> MNISTClassifier:
+    """The shipped MNIST classifier (train one with `diffusekit eval --train-classifier`)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"no MNIST classifier at {path}; train one with: diffusekit eval --train-classifier")
+    return from_pretrained(path).eval()
+
+
+def save_mnist_classifier(model: MNISTClassifier, accuracy: float, path: str | Path = MNIST_CLASSIFIER) -> Path:
+    return save_pretrained(model, path, extra={"heldout_accuracy": accuracy})
+
+
+# ----------------------------------------------------------------------------- Inception
+
+def inception_features(weights: str | Path, device: str = "cpu") -> Features:
+    """FID's Inception-v3 pool features (2048-d) from a local pytorch-fid weights file
+    (pt_inception-2015-12-05-*.pth); needs the pytorch-fid package (and torchvision)."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ValueError(f"no Inception weights at {weights} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    try:
+        from pytorch_fid import inception as fid_inception
+    except ImportError as e:
+        raise ValueError("Inception features need the pytorch-fid package (and torchvision)") from e
+    fid_inception.FID_WEIGHTS_URL = weights.resolve().as_uri()
+    model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+
+    @torch.no_grad()
+    def features(x: Tensor) -> Tensor:
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        return model(((x + 1) / 2).to(device))[0].flatten(1).cpu()
+
+    return features
+
+
+# ----------------------------------------------------------------------------- images and models
+
+def load_images(source: str | Path, resolution: int | None = None, channels: int = 1) -> tuple[Tensor, Tensor | None]:
+    """'mnist' (the bundled digits) or a folder of images (sorted, resized to `resolution`) -> [N, C, H, W]
+    in [-1, 1], and the labels if known."""
+    from .training.data import MNIST, ImageFolder, collate
+
+    if str(source) == "mnist":
+        data = MNIST(resolution or 28)
+        return data.images, data.labels
+    folder = ImageFolder(source, resolution or 28, channels)
+    batch = collate([folder[i] for i in range(len(folder))])
+    return batch["image"], batch.get("label")
+
+
+@torch.no_grad()
+def sample_classes(pipe, per_class: int, batch: int = 200, seed: int = 0, **generate_kw) -> tuple[Tensor, Tensor]:
+    """per_class samples of every class of a class-conditional pipeline -> (images, labels)."""
+    from .pipelines.common import generate
+
+    labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
+    g = torch.Generator().manual_seed(seed)
+    images = [generate(pipe, len(chunk), labels=chunk, generator=g, **generate_kw) for chunk in labels.split(batch)]
+    return torch.cat(images), labels
+
+
+def evaluate_samples(images: Tensor, real: Tensor, labels: Tensor | None = None,
+                     classifier: MNISTClassifier | None = None, features: Features | None = None) -> dict[str, float]:
+    """Distribution metrics of `images` against `real` in a feature space (the MNIST classifier's by
+    default), plus the share classified as the requested label when labels are given."""
+    classifier = classifier or load_mnist_classifier()
+    features = features or classifier.features
+    report = compare(extract(features, real), extract(features, images))
+    out = {"frechet": report.frechet, "kid": report.kid, "kid_std": report.kid_std,
+           "precision": report.precision, "recall": report.recall}
+    if labels is not None:
+        out["class_accuracy"] = class_accuracy(classifier, images, labels)
+    return out
