@@ -4,10 +4,12 @@ every sampler."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .denoisers import Cond, Denoiser
 from .parametrization import Prediction
+from .schedules import Schedule
 
 
 def concat_cond(cond: Cond, uncond: Cond, batch: int) -> dict[str, Tensor]:
@@ -47,3 +49,51 @@ class CFG:
         p = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both)
         (eps_c, eps_u), (x0_c, x0_u) = p.eps.chunk(2), p.x0.chunk(2)
         return Prediction(eps_u, x0_u).combine(Prediction(eps_c, x0_c), self.scale)
+
+
+def downsample(x: Tensor, s: int) -> Tensor:
+    """D: s x s average pooling of [B, C, H, W]."""
+    return F.avg_pool2d(x, s)
+
+
+def upsample(x: Tensor, s: int) -> Tensor:
+    """U: nearest-neighbour upsampling by s (each pixel repeated s x s times)."""
+    return x.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
+
+
+class UpsampleGuidance:
+    """Upsample Guidance (SPEC §7): sample a model trained at (H/s) x (W/s) at H x W without training.
+
+        eps~ = eps(x_t, t) + (1 + w) U[ (1/s) eps(D[x_t] / rho_t, tau) - D[eps(x_t, t)] ]
+        x0~  = x0(x_t, t)  + (1 + w) U[ x0(D[x_t] / rho_t, tau) - D[x0(x_t, t)] ]
+
+    (the two lines are the same correction: x0~ is the x0 of eps~ at x_t). w = -1 switches it off; with
+    `eta` < 1 it acts only while t >= (1 - eta) t_max (latent models) and the low-resolution call is
+    skipped afterwards. Spatial conditions (inpainting masks, concatenated images) are pooled for the
+    low-resolution call, every other condition passes unchanged; being linear in the model's outputs it
+    commutes with CFG, in either order."""
+
+    def __init__(self, denoiser: Denoiser, schedule: Schedule, s: int, w: float = 0.2, eta: float = 1.0):
+        if not isinstance(s, int) or s < 2:
+            raise ValueError(f"the upsampling factor s must be an integer >= 2, got {s!r}")
+        self.denoiser, self.schedule, self.s, self.w, self.eta = denoiser, schedule, s, w, eta
+
+    def weight(self, t: float) -> float:
+        """w_t: w while t >= (1 - eta) t_max, else -1 (off)."""
+        return self.w if t >= (1 - self.eta) * self.schedule.t_max else -1.0
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction:
+        s, (H, W) = self.s, x.shape[-2:]
+        if H % s or W % s:
+            raise ValueError(f"Upsample Guidance needs H and W divisible by s = {s}, got {H}x{W}")
+        p = self.denoiser(x, t, cond)
+        w = self.weight(float(t[0]))
+        if w == -1:
+            return p
+        tau, rho = self.schedule.pooled_time(t, s)
+        rho = rho.to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        low_cond = {k: downsample(v, s) if v.ndim == 4 and v.shape[-2:] == (H, W) else v for k, v in (cond or {}).items()}
+        q = self.denoiser(downsample(x, s) / rho, tau.to(t), low_cond)
+        eps = p.eps + (1 + w) * upsample(q.eps / s - downsample(p.eps, s), s)
+        x0 = p.x0 + (1 + w) * upsample(q.x0 - downsample(p.x0, s), s)
+        return Prediction(eps, x0, p.var_frac)

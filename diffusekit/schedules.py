@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 def _as_f64(t: Tensor | float | Sequence[float]) -> Tensor:
-    return torch.as_tensor(t, dtype=torch.float64)
+    return t.to(torch.float64) if isinstance(t, Tensor) else torch.as_tensor(t, dtype=torch.float64)
 
 
 class Schedule:
@@ -53,6 +53,17 @@ class Schedule:
     def sample_t(self, n: int, generator: torch.Generator | None = None, dist: str = "uniform",
                  loc: float = 0.0, scale: float = 1.0) -> Tensor:
         """Training times [n] (float64): 'uniform', or 'logit_normal' u = sigmoid(N(loc, scale^2)) (SD3)."""
+        raise NotImplementedError
+
+    def pooled_time(self, t: Tensor | float, s: int) -> tuple[Tensor, Tensor]:
+        """(tau, rho) for s x s average pooling D (Upsample Guidance, SPEC §7): D[x_t] / rho is distributed
+        like a low-resolution x_tau, where SNR(tau) = s^2 SNR(t) (tau clamped to the schedule's range)."""
+        tau = self.t_from_logsnr(self.logsnr(t) + 2 * math.log(s))
+        a, b = self.alpha_sigma(t)
+        return tau, self._pooled_scale(a, b / s)
+
+    def _pooled_scale(self, a: Tensor, b: Tensor) -> Tensor:
+        """rho making (a / rho, b / rho) a point of the schedule."""
         raise NotImplementedError
 
 
@@ -132,7 +143,8 @@ class VPSchedule(Schedule):
         lo = pos.floor().long()
         hi = (lo + 1).clamp(max=self.T)
         frac = pos - lo
-        l_lo, l_hi = self._logsnr[lo], self._logsnr[hi]
+        table = self._logsnr.to(pos.device)
+        l_lo, l_hi = table[lo], table[hi]
         return torch.where(frac == 0, l_lo, l_lo + frac * (l_hi - l_lo))
 
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -141,7 +153,7 @@ class VPSchedule(Schedule):
 
     def t_from_logsnr(self, logsnr: Tensor | float) -> Tensor:
         l = _as_f64(logsnr)
-        table = self._logsnr[1:]  # decreasing, t = 0..T-1
+        table = self._logsnr[1:].to(l.device)  # decreasing, t = 0..T-1
         l = l.clamp(min=table[-1], max=table[0])
         i = torch.searchsorted(-table, -l).clamp(1, self.T - 1)  # table[i-1] >= l >= table[i]
         l0, l1 = table[i - 1], table[i]
@@ -150,6 +162,9 @@ class VPSchedule(Schedule):
 
     def ode_scale(self, t: Tensor | float) -> Tensor:
         return self.alpha_sigma(t)[0]
+
+    def _pooled_scale(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a * a + b * b).sqrt()  # rho_t = sqrt(a_t^2 + b_t^2 / s^2)
 
     def timesteps(self, n: int, spacing: str = "trailing", offset: int = 0) -> Tensor:
         """diffusers' spacings: leading (SD, with steps offset), trailing, linspace (rounded)."""
@@ -210,6 +225,9 @@ class FlowSchedule(Schedule):
 
     def ode_scale(self, t: Tensor | float) -> Tensor:
         return torch.ones_like(self._checked(t))
+
+    def _pooled_scale(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b  # rho = (1 - t) + t / s, and then tau = t / (rho s)
 
     def timesteps(self, n: int, spacing: str = "linspace", offset: int = 0) -> Tensor:
         """n + 1 times from 1 to 0, uniform before the shift."""
