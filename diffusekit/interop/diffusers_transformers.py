@@ -1,39 +1,39 @@
 """diffusers transformer checkpoints -> DiT (DiTTransformer2DModel) and MM-DiT (SD3Transformer2DModel).
 
-Keys are renamed by full-match rules; q, k, v projections are concatenated into fused qkv weights; keys
-that no rule knows pass through unchanged, so `load_weights` names them as unexpected.
+Keys are renamed by full-match rules (see common.py); q, k, v projections are concatenated into fused qkv weights;
+keys that no rule knows pass through unchanged, so `load_weights` names them as unexpected.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError, build, load_weights, read_state_dict
+from ..checkpoints import CheckpointError
 from ..models.dit import DiTConfig
 from ..models.mmdit import QK_NORMS, MMDiTConfig
+from .common import FEED_FORWARD, KEEP, DiffusersModel, Rule, check_options, nested, rename_keys
 
-Rules = list[tuple[str, str]]
-QKV = "qkv"  # fused parts are collected under "<key>#<q|k|v>" and concatenated in this order
+DIT_OPTIONS = {"norm_type": ("ada_norm_zero",), "activation_fn": ("gelu-approximate",),
+               "norm_elementwise_affine": (False,), "attention_bias": (True,)}
 
-DIT_RULES: Rules = [
+DIT_RULES: list[Rule] = [
     (r"pos_embed\.proj\.(\w+)", r"x_embedder.\1"),
     (r"transformer_blocks\.0\.norm1\.emb\.timestep_embedder\.(linear_[12]\.\w+)", r"t_embedder.\1"),
     (r"transformer_blocks\.0\.norm1\.emb\.class_embedder\.embedding_table\.weight", "y_embedder.weight"),
     (r"transformer_blocks\.(\d+)\.norm1\.linear\.(\w+)", r"blocks.\1.adaLN_modulation.\2"),
     (r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(\w+)", r"blocks.\1.qkv.\3#\2"),
     (r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.(\w+)", r"blocks.\1.proj.\2"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(\w+)", r"blocks.\1.mlp.proj_in.\2"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2\.(\w+)", r"blocks.\1.mlp.proj_out.\2"),
+    (r"transformer_blocks\.(\d+)\.ff\.(.+)", nested(r"blocks.\1.mlp", FEED_FORWARD)),
     (r"proj_out_1\.(\w+)", r"final_layer.adaLN_modulation.\1"),
     (r"proj_out_2\.(\w+)", r"final_layer.linear.\1"),
+    KEEP,
 ]
-MMDIT_RULES: Rules = [
+MMDIT_RULES: list[Rule] = [
     (r"pos_embed\.proj\.(\w+)", r"x_embedder.\1"),
     (r"pos_embed\.pos_embed", "pos_embed"),
     (r"time_text_embed\.timestep_embedder\.(linear_[12]\.\w+)", r"t_embedder.\1"),
@@ -47,32 +47,13 @@ MMDIT_RULES: Rules = [
     (r"transformer_blocks\.(\d+)\.attn\.norm_added_([qk])\.weight", r"joint_blocks.\1.context_block.\2_norm.weight"),
     (r"transformer_blocks\.(\d+)\.attn\.to_out\.0\.(\w+)", r"joint_blocks.\1.x_block.proj.\2"),
     (r"transformer_blocks\.(\d+)\.attn\.to_add_out\.(\w+)", r"joint_blocks.\1.context_block.proj.\2"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(\w+)", r"joint_blocks.\1.x_block.mlp.proj_in.\2"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2\.(\w+)", r"joint_blocks.\1.x_block.mlp.proj_out.\2"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj\.(\w+)", r"joint_blocks.\1.context_block.mlp.proj_in.\2"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2\.(\w+)", r"joint_blocks.\1.context_block.mlp.proj_out.\2"),
+    (r"transformer_blocks\.(\d+)\.ff\.(.+)", nested(r"joint_blocks.\1.x_block.mlp", FEED_FORWARD)),
+    (r"transformer_blocks\.(\d+)\.ff_context\.(.+)", nested(r"joint_blocks.\1.context_block.mlp", FEED_FORWARD)),
     (r"norm_out\.linear\.(\w+)", r"final_layer.adaLN_modulation.\1"),
     (r"proj_out\.(\w+)", r"final_layer.linear.\1"),
+    KEEP,
 ]
 SCALE_SHIFT = re.compile(r"norm_out\.linear\.\w+|transformer_blocks\.\d+\.norm1_context\.linear\.\w+")
-
-
-def rename(state: Mapping[str, Tensor], rules: Rules) -> dict[str, Tensor]:
-    """Rename keys by the first fully matching rule (unknown keys unchanged) and fuse q, k, v parts."""
-    out: dict[str, Tensor] = {}
-    parts: dict[str, dict[str, Tensor]] = {}
-    for key, value in state.items():
-        new = next((m.expand(repl) for pattern, repl in rules if (m := re.fullmatch(pattern, key))), key)
-        name, _, part = new.partition("#")
-        if part:
-            parts.setdefault(name, {})[part] = value
-        else:
-            out[new] = value
-    for name, p in parts.items():
-        if sorted(p) != sorted(QKV):
-            raise CheckpointError(f"{name}: the checkpoint has only the {sorted(p)} parts of q, k, v")
-        out[name] = torch.cat([p[part] for part in QKV])
-    return out
 
 
 def swap_halves(x: Tensor) -> Tensor:
@@ -80,17 +61,9 @@ def swap_halves(x: Tensor) -> Tensor:
     return torch.cat(x.chunk(2)[::-1])
 
 
-def require(cfg: Mapping[str, Any], key: str, allowed: tuple, model: str) -> None:
-    """CheckpointError unless cfg[key] (when present) is one of `allowed`."""
-    if key in cfg and cfg[key] not in allowed:
-        raise CheckpointError(f"{model} with {key}={cfg[key]!r} is not supported (supported: {allowed})")
-
-
 def dit_config_from_diffusers(cfg: Mapping[str, Any]) -> DiTConfig:
     """DiTTransformer2DModel config.json -> DiTConfig (out_channels = 2 * in_channels means learned sigma)."""
-    for key, allowed in [("norm_type", ("ada_norm_zero",)), ("activation_fn", ("gelu-approximate",)),
-                         ("norm_elementwise_affine", (False,)), ("attention_bias", (True,))]:
-        require(cfg, key, allowed, "DiTTransformer2DModel")
+    check_options(cfg, DIT_OPTIONS, "DiTTransformer2DModel")
     heads, c_in = cfg.get("num_attention_heads", 16), cfg.get("in_channels", 4)
     c_out = cfg.get("out_channels") or c_in
     learned_sigma = c_out == 2 * c_in
@@ -115,14 +88,14 @@ def dit_state_from_diffusers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
                 raise CheckpointError(f"{key} differs from block 0's copy; DiT shares one embedder across blocks")
             continue
         kept[key] = value
-    return rename(kept, DIT_RULES)
+    return rename_keys(kept, DIT_RULES, "diffusers DiTTransformer2DModel")
 
 
 def mmdit_config_from_diffusers(cfg: Mapping[str, Any]) -> MMDiTConfig:
     """SD3Transformer2DModel config.json -> MMDiTConfig (SD3.5's dual-attention layers are not supported)."""
     if cfg.get("dual_attention_layers"):
         raise CheckpointError("SD3Transformer2DModel with dual_attention_layers (SD3.5 MMDiT-X) is not supported")
-    require(cfg, "qk_norm", QK_NORMS, "SD3Transformer2DModel")
+    check_options(cfg, {"qk_norm": QK_NORMS}, "SD3Transformer2DModel")
     heads, c_in = cfg.get("num_attention_heads", 18), cfg.get("in_channels", 16)
     D, caption_dim = heads * cfg.get("attention_head_dim", 64), cfg.get("caption_projection_dim", 1152)
     if caption_dim != D:
@@ -145,46 +118,24 @@ def is_scale_shift(state: Mapping[str, Tensor], key: str) -> bool:
 
 def mmdit_state_from_diffusers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """SD3Transformer2DModel state dict -> MM-DiT's; AdaLayerNormContinuous rows are reordered to (shift, scale)."""
-    return rename({k: swap_halves(v) if is_scale_shift(state, k) else v for k, v in state.items()}, MMDIT_RULES)
+    state = {k: swap_halves(v) if is_scale_shift(state, k) else v for k, v in state.items()}
+    return rename_keys(state, MMDIT_RULES, "diffusers SD3Transformer2DModel")
 
 
-def read_diffusers_folder(folder: str | Path, class_name: str, device: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """config.json and weights (one safetensors file or an index of shards) of a diffusers model folder,
-    or of the `transformer/` subfolder of a pipeline folder."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
-        folder = folder / "transformer"
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder} has no readable diffusers config.json: {e}") from e
-    if cfg.get("_class_name", class_name) != class_name:
-        raise CheckpointError(f"{folder} holds a {cfg['_class_name']}, expected a {class_name}")
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {k: v for shard in shards for k, v in read_state_dict(folder / shard, device).items()}
-    else:
-        state = read_state_dict(folder / "diffusion_pytorch_model.safetensors", device)
-    return cfg, state
+DIT = DiffusersModel(("DiTTransformer2DModel", "Transformer2DModel"), "transformer", "dit", dit_config_from_diffusers,
+                     lambda state, _: dit_state_from_diffusers(state))
+MMDIT = DiffusersModel(("SD3Transformer2DModel",), "transformer", "mmdit", mmdit_config_from_diffusers,
+                       lambda state, _: mmdit_state_from_diffusers(state))
 
 
-def load_diffusers(folder: str | Path, class_name: str, model_type: str, config_from: Callable[[dict], Any],
-                   state_from: Callable[[dict], dict], device: str, dtype: torch.dtype | None) -> nn.Module:
-    """Build our model on the meta device and assign the converted diffusers weights to it."""
-    cfg, state = read_diffusers_folder(folder, class_name, device)
-    model = build(model_type, config_from(cfg), device="meta")
-    model = load_weights(model, state_from(state), source=f"{folder} ({class_name})")
-    return model.to(dtype) if dtype else model
+def load_diffusers_dit(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                       variant: str | None = None) -> nn.Module:
+    """A DiT from a diffusers DiTTransformer2DModel folder (or a DiT pipeline folder; the hub's DiT checkpoints
+    name the class Transformer2DModel, with norm_type ada_norm_zero)."""
+    return DIT.load(folder, device, dtype, variant)
 
 
-def load_diffusers_dit(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """A DiT from a diffusers DiTTransformer2DModel folder (or a DiT pipeline folder)."""
-    return load_diffusers(folder, "DiTTransformer2DModel", "dit", dit_config_from_diffusers,
-                          dit_state_from_diffusers, device, dtype)
-
-
-def load_diffusers_mmdit(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_diffusers_mmdit(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                         variant: str | None = None) -> nn.Module:
     """An MM-DiT from a diffusers SD3Transformer2DModel folder (or an SD3 pipeline folder)."""
-    return load_diffusers(folder, "SD3Transformer2DModel", "mmdit", mmdit_config_from_diffusers,
-                          mmdit_state_from_diffusers, device, dtype)
+    return MMDIT.load(folder, device, dtype, variant)

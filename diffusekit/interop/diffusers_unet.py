@@ -3,7 +3,8 @@
 Supported: DownBlock2D / AttnDownBlock2D / CrossAttnDownBlock2D and their mirrored up blocks, UNetMidBlock2D /
 UNetMidBlock2DCrossAttn, positional time embeddings, class labels (num_class_embeds), resnet_time_scale_shift
 default | scale_shift, SD 1.x conv projections, SD 2.x linear projections and per-level heads, SDXL text_time
-additional embeddings and transformer_layers_per_block. Any other option raises ValueError naming it.
+additional embeddings and transformer_layers_per_block. Any other option raises CheckpointError (a ValueError)
+naming it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoints import build, load_weights, read_config, read_state_dict
 from ..models.unet import UNet, UNetConfig
+from .common import (FEED_FORWARD, KEEP, SPATIAL_ATTENTION, DiffusersModel, Rule, check_options, linear_from_conv,
+                     nested, rename_key, rename_keys, unsupported)
 
 # Options with the values we accept (a per-level list counts as its value when all levels agree).
 SUPPORTED = {
@@ -44,8 +46,7 @@ BLOCKS = {False: {"DownBlock2D": "UpBlock2D", "AttnDownBlock2D": "AttnUpBlock2D"
           True: {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}}
 
 
-def _unsupported(key: str, value: Any, allowed: Any) -> ValueError:
-    return ValueError(f"diffusers option {key}={value!r} is not supported (supported: {allowed!r})")
+MODEL = "diffusers UNet"
 
 
 def _single(cfg: dict, key: str) -> Any:
@@ -53,30 +54,27 @@ def _single(cfg: dict, key: str) -> Any:
     value = cfg[key]
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise _unsupported(key, value, "the same value at every level")
+            raise unsupported(MODEL, key, value, "the same value at every level")
         value = value[0]
     return value
 
 
 def _check_options(cfg: dict, conditional: bool) -> None:
-    """Raise ValueError naming the first diffusers option our UNet cannot express."""
-    for key, allowed in SUPPORTED.items():
-        value = cfg.get(key, allowed[0])
-        if (value[0] if isinstance(value, (list, tuple)) and len(set(value)) == 1 else value) not in allowed:
-            raise _unsupported(key, value, allowed)
+    """Raise CheckpointError (a ValueError) naming the first diffusers option our UNet cannot express."""
+    check_options(cfg, SUPPORTED, MODEL)
     blocks, down, up = BLOCKS[conditional], list(cfg["down_block_types"]), list(cfg["up_block_types"])
     if any(b not in blocks for b in down) or [blocks[b] for b in reversed(down)] != up:
-        raise _unsupported("down_block_types / up_block_types", (down, up), f"{sorted(blocks)}, mirrored")
+        raise unsupported(MODEL, "down_block_types / up_block_types", (down, up), f"{sorted(blocks)}, mirrored")
     if cfg["mid_block_type"] != DEFAULTS[conditional]["mid_block_type"]:
-        raise _unsupported("mid_block_type", cfg["mid_block_type"], DEFAULTS[conditional]["mid_block_type"])
+        raise unsupported(MODEL, "mid_block_type", cfg["mid_block_type"], DEFAULTS[conditional]["mid_block_type"])
     if not conditional and cfg["add_attention"]:  # diffusers drops the mid-attention norm for scale_shift
         groups = cfg["attn_norm_num_groups"]
         if groups is None and cfg["resnet_time_scale_shift"] == "default":
             groups = cfg["norm_num_groups"]
         if groups != cfg["norm_num_groups"]:
-            raise _unsupported("attn_norm_num_groups", cfg["attn_norm_num_groups"], cfg["norm_num_groups"])
+            raise unsupported(MODEL, "attn_norm_num_groups", cfg["attn_norm_num_groups"], cfg["norm_num_groups"])
     if any(c % cfg["block_out_channels"][0] for c in cfg["block_out_channels"]):
-        raise _unsupported("block_out_channels", cfg["block_out_channels"], "multiples of the first")
+        raise unsupported(MODEL, "block_out_channels", cfg["block_out_channels"], "multiples of the first")
 
 
 def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
@@ -98,7 +96,7 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
                           head_dim=cfg["attention_head_dim"], context_dim=None)
     heads, depth = cfg["attention_head_dim"], cfg["transformer_layers_per_block"]  # heads, despite the name
     if not isinstance(depth, int) and not all(isinstance(d, int) for d in depth):
-        raise _unsupported("transformer_layers_per_block", depth, "one int per level")
+        raise unsupported(MODEL, "transformer_layers_per_block", depth, "one int per level")
     text_time = cfg["addition_embed_type"] == "text_time"
     return UNetConfig(**common, num_heads=heads if isinstance(heads, int) else tuple(heads), head_dim=None,
                       context_dim=_single(cfg, "cross_attention_dim"),
@@ -107,77 +105,59 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
                       addition_embed_dim=cfg["projection_class_embeddings_input_dim"] if text_time else None)
 
 
-# Module renames inside a block, diffusers -> ours (applied to the key after the block prefix).
-RES_NAMES = [(r"^time_emb_proj\.", "emb_proj."), (r"^conv_shortcut\.", "skip.")]
-SELF_ATTN_NAMES = [(r"^group_norm\.", "norm."), (r"^(query|key|value)\.", lambda m: f"attn.to_{m[1][0]}."),
-                   (r"^to_([qkv])\.", r"attn.to_\1."), (r"^(to_out\.0|proj_attn)\.", "attn.out.")]
-TRANSFORMER_NAMES = [(r"^transformer_blocks\.", "blocks."), (r"\.to_out\.0\.", ".out."),
-                     (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."), (r"\.ff\.net\.2\.", ".ff.proj_out.")]
+# Renames inside a block, diffusers -> ours (unknown names pass through: load_weights reports them).
+RES = [(r"time_emb_proj\.(.+)", r"emb_proj.\1"), (r"conv_shortcut\.(.+)", r"skip.\1"), KEEP]
+TRANSFORMER = [  # diffusers' Transformer2DModel; LDM's SpatialTransformer uses the same names
+    (r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(\w+)", r"blocks.\1.attn1.qkv.\3#\2"),
+    (r"transformer_blocks\.(\d+)\.attn2\.to_q\.(\w+)", r"blocks.\1.attn2.q.\2"),
+    (r"transformer_blocks\.(\d+)\.attn2\.to_([kv])\.(\w+)", r"blocks.\1.attn2.kv.\3#\2"),
+    (r"transformer_blocks\.(\d+)\.(attn[12])\.to_out\.0\.(\w+)", r"blocks.\1.\2.out.\3"),
+    (r"transformer_blocks\.(\d+)\.ff\.(.+)", nested(r"blocks.\1.ff", FEED_FORWARD)),
+    (r"transformer_blocks\.(.+)", r"blocks.\1"),
+    KEEP,
+]
+CONV_PROJECTIONS = r".+\.attn\.proj_(in|out)\.weight"  # SD 1.x's 1x1-conv proj_in / proj_out
 
 
-def rename(local: str, rules: list) -> str:
-    """Apply (pattern, replacement) regex rules in order."""
-    for pattern, repl in rules:
-        local = re.sub(pattern, repl, local)
-    return local
-
-
-def _block_key(key: str, config: UNetConfig) -> str:
-    """diffusers key -> ours for everything in down_blocks / mid_block / up_blocks; other keys unchanged."""
+def unet_rules(config: UNetConfig) -> list[Rule]:
+    """Renaming rules for a diffusers UNet with our `config`: down_blocks.i.resnets.j -> input_blocks.n.res, ...,
+    mid_block -> middle, up_blocks -> output_blocks (one stage per resnet, resamplers in the last)."""
     per = config.num_res_blocks + 1
-    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", key)
-    if m:
-        side, level, kind, j, local = m[1], int(m[2]), m[3], int(m[4]), m[5]
+    local = {"resnets": ("res", RES),
+             "attentions": ("attn", [*SPATIAL_ATTENTION, KEEP] if not config.context_dim else TRANSFORMER)}
+
+    def stage(prefix: str, kind: str, rest: str) -> str:
+        if kind not in local:
+            return f"{prefix}.resample.{rest}"
+        name, rules = local[kind]
+        return f"{prefix}.{name}.{rename_key(rest, rules)}"
+
+    def block(m: re.Match) -> str:
+        side, level, kind, j = m[1], int(m[2]), m[3], int(m[4])
         index = level * per + (config.num_res_blocks if kind.endswith("samplers") else j)
-        prefix = f"{'input' if side == 'down' else 'output'}_blocks.{index}"
-    else:
-        m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
-        if not m:
-            return key
-        kind, local = m[1], m[3]
-        prefix = f"middle.{m[2]}"
-    if kind == "resnets":
-        return f"{prefix}.res.{rename(local, RES_NAMES)}"
-    if kind == "attentions":
-        return f"{prefix}.attn.{rename(local, SELF_ATTN_NAMES if config.context_dim is None else TRANSFORMER_NAMES)}"
-    return f"{prefix}.resample.{local}"
+        return stage(f"{'input' if side == 'down' else 'output'}_blocks.{index}", kind, m[5])
 
-
-TOP_NAMES = [(r"^time_embedding\.", "time_embed."), (r"^class_embedding\.", "class_embed."),
-             (r"^add_embedding\.", "add_embed."), (r"^conv_norm_out\.", "norm_out.")]
-
-
-def fuse_attention(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """to_q / to_k / to_v -> qkv (self-attention) or q + kv (cross-attention `attn2`); 1x1-conv transformer
-    projections -> linear. Incomplete q/k/v groups are left as they are (they surface as unexpected keys)."""
-    for key in [k for k in state if re.search(r"\.to_q\.(weight|bias)$", k)]:
-        names = [key.replace(".to_q.", f".to_{p}.") for p in "qkv"]
-        if not all(n in state for n in names):
-            continue
-        q, k, v = (state.pop(n) for n in names)
-        if ".attn2." in key:
-            state[key.replace(".to_q.", ".q.")] = q
-            state[key.replace(".to_q.", ".kv.")] = torch.cat([k, v])
-        else:
-            state[key.replace(".to_q.", ".qkv.")] = torch.cat([q, k, v])
-    for key in [k for k in state if re.search(r"\.attn\.proj_(in|out)\.weight$", k)]:
-        if state[key].ndim == 4:
-            state[key] = state[key].flatten(1)
-    return state
+    return [
+        (r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", block),
+        (r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", lambda m: stage(f"middle.{m[2]}", m[1], m[3])),
+        (r"time_embedding\.(.+)", r"time_embed.\1"), (r"class_embedding\.(.+)", r"class_embed.\1"),
+        (r"add_embedding\.(.+)", r"add_embed.\1"), (r"conv_norm_out\.(.+)", r"norm_out.\1"),
+        KEEP,
+    ]
 
 
 def unet_state_from_diffusers(sd: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
     """Rename a diffusers UNet state dict to our UNet's keys (fusing q/k/v); unknown keys pass through unchanged
     so that `load_weights` reports them."""
-    state = {rename(_block_key(k, config), TOP_NAMES): v for k, v in sd.items()}
-    return fuse_attention(state)
+    return linear_from_conv(rename_keys(sd, unet_rules(config), "diffusers UNet"), CONV_PROJECTIONS)
+
+
+UNET = DiffusersModel(("UNet2DConditionModel", "UNet2DModel"), "unet", "unet", unet_config_from_diffusers,
+                      unet_state_from_diffusers)
 
 
 def load_diffusers_unet(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                         variant: str | None = None) -> UNet:
-    """Our UNet from a diffusers `unet` folder (config.json + diffusion_pytorch_model[.variant].safetensors)."""
-    config = unet_config_from_diffusers(read_config(folder))
-    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
-    state = unet_state_from_diffusers(read_state_dict(Path(folder) / name, device=device), config)
-    model = load_weights(build("unet", config, device="meta"), state, source=str(folder))
-    return model.to(dtype) if dtype else model
+    """Our UNet from a diffusers `unet` folder (config.json + diffusion_pytorch_model[.variant].safetensors, or
+    shards), or from a pipeline folder holding one."""
+    return UNET.load(folder, device, dtype, variant)

@@ -9,19 +9,19 @@ Keys that no rule knows raise CheckpointError.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from ..checkpoints import CheckpointError, build, load_weights, read_config, read_state_dict
+from ..checkpoints import CheckpointError
 from ..models.autoencoder import AutoencoderConfig, AutoencoderKL, VQAutoencoder, VQAutoencoderConfig
+from .common import SPATIAL_ATTENTION, DiffusersModel, Rule, linear_from_conv, nested, rename_keys
 
-Rule = tuple[str, str | Callable[[re.Match], str]]
 RESNET = r"(norm1|conv1|norm2|conv2)"
 PARAM = r"(weight|bias)"
+ATTENTION_WEIGHTS = r".+\.mid\.attn\.attn\.\w+\.weight"  # 1x1 convs in LDM files and old diffusers ones
 
 DIFFUSERS_VAE_RULES: list[Rule] = [
     (rf"(encoder|decoder)\.conv_(in|out)\.{PARAM}", r"\1.conv_\2.\3"),
@@ -34,48 +34,10 @@ DIFFUSERS_VAE_RULES: list[Rule] = [
     (rf"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{PARAM}", r"decoder.up.\1.resample.conv.\2"),
     (rf"(encoder|decoder)\.mid_block\.resnets\.(0|1)\.{RESNET}\.{PARAM}",
      lambda m: f"{m[1]}.mid.res{int(m[2]) + 1}.{m[3]}.{m[4]}"),
-    (rf"(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.{PARAM}", r"\1.mid.attn.norm.\2"),
-    (rf"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|query)\.{PARAM}", r"\1.mid.attn.attn.q.\3"),
-    (rf"(encoder|decoder)\.mid_block\.attentions\.0\.(to_k|key)\.{PARAM}", r"\1.mid.attn.attn.k.\3"),
-    (rf"(encoder|decoder)\.mid_block\.attentions\.0\.(to_v|value)\.{PARAM}", r"\1.mid.attn.attn.v.\3"),
-    (rf"(encoder|decoder)\.mid_block\.attentions\.0\.(to_out\.0|proj_attn)\.{PARAM}", r"\1.mid.attn.attn.out.\3"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", nested(r"\1.mid.attn", SPATIAL_ATTENTION)),
     (rf"(quant_conv|post_quant_conv)\.{PARAM}", r"\1.\2"),
     (r"quantize\.embedding\.weight", "quantizer.embedding.weight"),
 ]
-
-
-def rename_keys(state: Mapping[str, Tensor], rules: list[Rule], source: str) -> dict[str, Tensor]:
-    """Rename every key by the first rule whose pattern matches it whole; CheckpointError on keys no rule knows."""
-    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
-
-    def rename(key: str) -> str | None:
-        for pattern, repl in compiled:
-            if m := pattern.fullmatch(key):
-                return m.expand(repl) if isinstance(repl, str) else repl(m)
-        return None
-
-    names = {k: rename(k) for k in state}
-    unknown = [k for k, n in names.items() if n is None]
-    if unknown:
-        raise CheckpointError(f"{source}: {len(unknown)} unknown keys: {', '.join(unknown[:8])}")
-    if len(set(names.values())) < len(names):
-        raise CheckpointError(f"{source}: several keys map to the same parameter (old and new names mixed?)")
-    return {names[k]: v for k, v in state.items()}
-
-
-def fuse_attention(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """Concatenate `<prefix>.q/k/v.<param>` into `<prefix>.qkv.<param>` and turn 1x1-conv attention weights
-    [C, C, 1, 1] (LDM, old diffusers) into linear ones [C, C]."""
-    for key in [k for k in state if re.search(r"\.attn\.attn\.q\.(weight|bias)$", k)]:
-        prefix, param = key.rsplit(".q.", 1)
-        parts = [f"{prefix}.{n}.{param}" for n in "qkv"]
-        if any(p not in state for p in parts):
-            raise CheckpointError(f"{source}: attention {prefix} lacks one of {parts}")
-        state[f"{prefix}.qkv.{param}"] = torch.cat([state.pop(p) for p in parts])
-    for key, w in state.items():
-        if ".attn.attn." in key and w.ndim == 4 and w.shape[2:] == (1, 1):
-            state[key] = w.flatten(1)
-    return state
 
 
 def _architecture(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -113,7 +75,7 @@ def vq_config_from_diffusers(cfg: Mapping[str, Any]) -> VQAutoencoderConfig:
 
 
 def _convert(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-    return fuse_attention(rename_keys(state, DIFFUSERS_VAE_RULES, source), source)
+    return linear_from_conv(rename_keys(state, DIFFUSERS_VAE_RULES, source), ATTENTION_WEIGHTS)
 
 
 def vae_state_from_diffusers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -126,21 +88,20 @@ def vq_state_from_diffusers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _convert(state, "diffusers VQModel")
 
 
-def _load(folder: str | Path, class_name: str, model_type: str, to_config: Callable, to_state: Callable,
-          device: str) -> Any:
-    cfg = read_config(folder)
-    if cfg.get("_class_name", class_name) != class_name:
-        raise CheckpointError(f"{folder} holds a {cfg['_class_name']}, not a {class_name}")
-    model = build(model_type, to_config(cfg), device="meta")
-    state = to_state(read_state_dict(Path(folder) / "diffusion_pytorch_model.safetensors", device=device))
-    return load_weights(model, state, source=str(folder))
+KL = DiffusersModel(("AutoencoderKL",), "vae", "autoencoder_kl", vae_config_from_diffusers,
+                    lambda state, _: vae_state_from_diffusers(state))
+VQ = DiffusersModel(("VQModel",), "vqvae", "autoencoder_vq", vq_config_from_diffusers,
+                    lambda state, _: vq_state_from_diffusers(state))
 
 
-def load_diffusers_vae(folder: str | Path, device: str = "cpu") -> AutoencoderKL:
-    """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)."""
-    return _load(folder, "AutoencoderKL", "autoencoder_kl", vae_config_from_diffusers, vae_state_from_diffusers, device)
+def load_diffusers_vae(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                       variant: str | None = None) -> AutoencoderKL:
+    """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.variant].safetensors, or
+    shards), or the `vae/` of a pipeline folder."""
+    return KL.load(folder, device, dtype, variant)
 
 
-def load_diffusers_vq(folder: str | Path, device: str = "cpu") -> VQAutoencoder:
-    """Load a diffusers VQModel folder (config.json + diffusion_pytorch_model.safetensors)."""
-    return _load(folder, "VQModel", "autoencoder_vq", vq_config_from_diffusers, vq_state_from_diffusers, device)
+def load_diffusers_vq(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                      variant: str | None = None) -> VQAutoencoder:
+    """Load a diffusers VQModel folder (config.json + diffusion_pytorch_model[.variant].safetensors, or shards)."""
+    return VQ.load(folder, device, dtype, variant)

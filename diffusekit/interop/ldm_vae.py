@@ -11,9 +11,9 @@ from typing import Mapping
 
 from torch import Tensor
 
-from ..checkpoints import CheckpointError
 from ..models.autoencoder import AutoencoderConfig
-from .diffusers_vae import PARAM, RESNET, Rule, fuse_attention, rename_keys
+from .common import Rule, linear_from_conv, rename_keys, strip_prefix
+from .diffusers_vae import ATTENTION_WEIGHTS, PARAM, RESNET
 
 PREFIX = "first_stage_model."
 
@@ -31,7 +31,7 @@ def ldm_vae_rules(levels: int) -> list[Rule]:
         (rf"decoder\.up\.(\d+)\.upsample\.conv\.{PARAM}", lambda m: f"{up(m)}.resample.conv.{m[2]}"),
         (rf"(encoder|decoder)\.mid\.block_(1|2)\.{RESNET}\.{PARAM}", r"\1.mid.res\2.\3.\4"),
         (rf"(encoder|decoder)\.mid\.attn_1\.norm\.{PARAM}", r"\1.mid.attn.norm.\2"),
-        (rf"(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.{PARAM}", r"\1.mid.attn.attn.\2.\3"),
+        (rf"(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.{PARAM}", r"\1.mid.attn.attn.qkv.\3#\2"),
         (rf"(encoder|decoder)\.mid\.attn_1\.proj_out\.{PARAM}", r"\1.mid.attn.attn.out.\2"),
         (rf"(quant_conv|post_quant_conv)\.{PARAM}", r"\1.\2"),
     ]
@@ -39,8 +39,5 @@ def ldm_vae_rules(levels: int) -> list[Rule]:
 
 def vae_state_from_ldm(sd: Mapping[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
     """Our AutoencoderKL state dict from a full single-file SD checkpoint dict (only `first_stage_model.*` is used)."""
-    state = {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
-    if not state:
-        raise CheckpointError(f"checkpoint has no {PREFIX}* keys (not an original Stable Diffusion file?)")
-    source = "LDM first_stage_model"
-    return fuse_attention(rename_keys(state, ldm_vae_rules(len(config.channel_mult)), source), source)
+    rules = ldm_vae_rules(len(config.channel_mult))
+    return linear_from_conv(rename_keys(strip_prefix(sd, PREFIX), rules, "LDM first_stage_model"), ATTENTION_WEIGHTS)

@@ -1,0 +1,134 @@
+"""Whole pipelines from other people's files -> `diffusekit.pipelines.common.Pipeline`: a diffusers pipeline
+folder (model_index.json with unet/ or transformer/, vae/, scheduler/, text_encoder/) or an original single-file
+Stable Diffusion 1.x checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..checkpoints import CheckpointError, read_state_dict
+from ..models.autoencoder import AutoencoderConfig, sd_vae_config
+from ..models.unet import UNetConfig, sd15_unet_config
+from ..pipelines.common import DiffusionSettings, Pipeline
+from .common import DiffusersModel, assign, check_options, read_json
+from .diffusers_transformers import DIT, MMDIT
+from .diffusers_unet import UNET
+from .diffusers_vae import KL, VQ
+from .ldm_unet import unet_state_from_ldm
+from .ldm_vae import vae_state_from_ldm
+
+DENOISERS = {name: spec for spec in (UNET, DIT, MMDIT) for name in spec.class_names}
+AUTOENCODERS = {name: spec for spec in (KL, VQ) for name in spec.class_names}
+CLASS_CONDITIONAL = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel")  # num_classes is read from these
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+SPACINGS = ("leading", "trailing", "linspace")
+VP_SCHEDULERS = {  # diffusers schedulers over a beta table -> their default timestep_spacing
+    **dict.fromkeys(["DDPMScheduler", "DDIMScheduler", "PNDMScheduler"], "leading"),
+    **dict.fromkeys(["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
+                     "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                     "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler"], "linspace"),
+}
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+MATH_OPTIONS = {  # scheduler options that change what the network's times and outputs mean: their neutral values
+    "trained_betas": (None,), "timestep_type": ("discrete",), "use_flow_sigmas": (False,),
+    "use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None,),
+}
+SD1_SETTINGS = dict(schedule="scaled_linear", beta_range=(0.00085, 0.012), prediction="eps", spacing="leading",
+                    steps_offset=1)
+
+
+def settings_from_scheduler(cfg: Mapping[str, Any]) -> DiffusionSettings:
+    """DiffusionSettings from a diffusers scheduler_config.json: noise schedule, prediction type, default spacing.
+
+    Options that change the math without a counterpart here (custom trained_betas, another beta_schedule,
+    continuous timesteps, dynamic shifting, ...) raise CheckpointError; sampler choices (clip_sample,
+    thresholding, Karras sigmas, solver order, ...) are not read: pick the sampler in `generate`."""
+    name = cfg.get("_class_name")
+    if name not in VP_SCHEDULERS and name not in FLOW_SCHEDULERS:
+        raise CheckpointError(f"scheduler {name} is not supported (supported: {[*VP_SCHEDULERS, *FLOW_SCHEDULERS]})")
+    check_options(cfg, MATH_OPTIONS, name)
+    T = cfg.get("num_train_timesteps", 1000)
+    if name in FLOW_SCHEDULERS:
+        return DiffusionSettings(schedule="flow", timesteps=T, shift=cfg.get("shift", 1.0), prediction="flow",
+                                 timestep_scale=T)
+    check_options(cfg, {"beta_schedule": tuple(BETA_SCHEDULES), "prediction_type": tuple(PREDICTIONS),
+                        "timestep_spacing": SPACINGS}, name)
+    schedule = BETA_SCHEDULES[cfg.get("beta_schedule", "linear")]
+    beta_range = None if schedule == "cosine" else (cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
+    return DiffusionSettings(schedule=schedule, timesteps=T, zero_terminal_snr=cfg.get("rescale_betas_zero_snr", False),
+                             prediction=PREDICTIONS[cfg.get("prediction_type", "epsilon")], beta_range=beta_range,
+                             spacing=cfg.get("timestep_spacing") or VP_SCHEDULERS[name],
+                             steps_offset=cfg.get("steps_offset", 0))
+
+
+def clip_text_encoder(path: str | Path, device: str, dtype: torch.dtype | None) -> nn.Module:
+    """A Stable Diffusion 1.x / 2.x text encoder folder (tokenizer beside it): last hidden layer, 77 tokens."""
+    from ..conditioning import TextEncoder
+
+    encoder = TextEncoder(path, max_length=77, layer=-1).to(device)
+    return encoder.to(dtype) if dtype else encoder
+
+
+def _component(folder: Path, name: str, class_name: str, table: Mapping[str, DiffusersModel], device: str,
+               dtype: torch.dtype | None) -> nn.Module:
+    if class_name not in table:
+        raise CheckpointError(f"{folder / name} holds a {class_name}; supported there: {sorted(table)}")
+    return table[class_name].load(folder / name, device, dtype).eval()
+
+
+def load_diffusers_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
+    """A diffusers pipeline folder as a Pipeline: the denoiser from unet/ (UNet2DConditionModel, UNet2DModel) or
+    transformer/ (SD3Transformer2DModel, DiT), the autoencoder from vae/ or vqvae/ if there is one (pixel pipelines
+    such as DDPMPipeline have none), the diffusion settings from scheduler/, the training resolution from the
+    denoiser's sample_size times the autoencoder's factor.
+
+    A single text encoder (text_encoder/ + tokenizer/, SD 1.x / 2.x) is loaded; pipelines with several (SDXL, SD3)
+    get text_encoder None: pass their token embeddings (`context`, `pooled`, SDXL's `time_ids`) to the denoiser
+    through the sampler's cond dict yourself."""
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json", "diffusers pipeline folder")
+    components = {k: v[1] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1]}
+    net_name = next((n for n in ("unet", "transformer") if n in components), None)
+    if net_name is None:
+        raise CheckpointError(f"{folder}: model_index.json names no unet or transformer (it has {sorted(components)})")
+    settings = settings_from_scheduler(read_json(folder / "scheduler" / "scheduler_config.json", "scheduler folder"))
+    size = read_json(folder / net_name / "config.json", "diffusers model folder").get("sample_size")
+    if size is None:
+        raise CheckpointError(f"{folder / net_name}/config.json has no sample_size (the training resolution)")
+    net = _component(folder, net_name, components[net_name], DENOISERS, device, dtype)
+    ae_name = next((n for n in ("vae", "vqvae") if n in components), None)
+    ae = _component(folder, ae_name, components[ae_name], AUTOENCODERS, device, dtype) if ae_name else None
+    factor = ae.downsample_factor if ae is not None else 1
+    h, w = (size, size) if isinstance(size, int) else size
+    text_encoder, text_encoder_name = None, ""
+    if sorted(n for n in components if n.startswith("text_encoder")) == ["text_encoder"] and "tokenizer" in components:
+        text_encoder_name = str(folder / "text_encoder")
+        text_encoder = clip_text_encoder(text_encoder_name, device, dtype)
+    num_classes = net.config.num_classes if components[net_name] in CLASS_CONDITIONAL else None
+    channels = (ae if ae is not None else net).config.in_channels
+    return Pipeline(net, settings, (h * factor, w * factor), channels, num_classes=num_classes, autoencoder=ae,
+                    text_encoder=text_encoder, text_encoder_name=text_encoder_name)
+
+
+def load_sd_single_file(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, *,
+                        unet_config: UNetConfig | None = None, vae_config: AutoencoderConfig | None = None,
+                        resolution: int = 512, text_encoder: str | Path | None = None) -> Pipeline:
+    """An original single-file Stable Diffusion 1.x checkpoint (.safetensors; a .ckpt only when named explicitly,
+    read weights-only) as a Pipeline: UNet and autoencoder converted (other configs, e.g. tiny test models, can be
+    given), scaled_linear eps schedule with SD's leading spacing and steps offset 1.
+
+    The file's CLIP text encoder (cond_stage_model.*) is not converted: pass `text_encoder`, a local transformers
+    folder (e.g. an SD 1.x pipeline's text_encoder/ with tokenizer/ beside it), or supply `context` yourself."""
+    unet_config, vae_config = unet_config or sd15_unet_config(), vae_config or sd_vae_config()
+    sd = read_state_dict(path, device=device)
+    net = assign("unet", unet_config, unet_state_from_ldm(sd, unet_config), str(path), dtype).eval()
+    ae = assign("autoencoder_kl", vae_config, vae_state_from_ldm(sd, vae_config), str(path), dtype).eval()
+    encoder = clip_text_encoder(text_encoder, device, dtype) if text_encoder else None
+    return Pipeline(net, DiffusionSettings(**SD1_SETTINGS), (resolution, resolution), vae_config.in_channels,
+                    autoencoder=ae, text_encoder=encoder, text_encoder_name=str(text_encoder or ""))
