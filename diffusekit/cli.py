@@ -65,10 +65,14 @@ def sample(args: argparse.Namespace) -> None:
             raise ValueError("this model is text-conditional: pass --prompt (several allowed)")
         prompts, rows = [p for p in args.prompt for _ in range(args.n)], args.prompt
     n = len(labels) if labels is not None else len(prompts) if prompts else args.n
+    if args.upsample_guidance is None and (height > pipe.resolution[0] or width > pipe.resolution[1]):
+        print(f"hint: the model was trained at {pipe.resolution[0]}x{pipe.resolution[1]}; for larger images try "
+              f"--upsample-guidance 0.2 (Upsample Guidance, no training needed)")
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     images = generate(pipe, n, labels=labels, prompts=prompts, negative=args.negative, height=height, width=width,
-                      sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, generator=g, progress=True)
+                      sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, upsample_guidance=args.upsample_guidance,
+                      ug_eta=args.ug_eta, generator=g, progress=True)
     path = save_grid(images, args.out, nrow=args.n, row_labels=rows, scale=args.scale)
     print(f"{n} images of {height}x{width} in {time.perf_counter() - t0:.1f} s -> {path}")
 
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
+    p.add_argument("--upsample-guidance", type=float, metavar="W",
+                   help="Upsample Guidance weight w (e.g. 0.2) for sizes s x the training size; -1 is off")
+    p.add_argument("--ug-eta", type=float, default=1.0, help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=2, help="pixel magnification in the grid")
     p.add_argument("--device", default="cpu")

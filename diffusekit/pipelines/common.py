@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import from_pretrained, read_config, save_pretrained
 from ..denoisers import Cond, Denoiser, NetworkDenoiser
-from ..guidance import CFG
+from ..guidance import CFG, UpsampleGuidance
 from ..samplers import get_sampler
 from ..schedules import Schedule, make_schedule
 
@@ -121,18 +121,33 @@ class Pipeline:
         return cond, uncond
 
 
+def upsample_factor(pipe: Pipeline, height: int, width: int) -> int:
+    """s = height / training height for Upsample Guidance (an integer >= 2, dividing the width too); the
+    low-resolution call then runs at (height / s) x (width / s), which may be non-square."""
+    h = pipe.resolution[0]
+    s = height // h
+    if height % h or s < 2 or width % s:
+        raise ValueError(f"Upsample Guidance needs the height {height} to be an integer multiple s >= 2 of the "
+                         f"training height {h}, and the width {width} divisible by that s")
+    pipe.latent_shape(height // s, width // s)  # the low-resolution call must fit the network too
+    return s
+
+
 def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
              negative: Sequence[str] | None = None, height: int | None = None, width: int | None = None,
              sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, spacing: str | None = None,
-             generator: torch.Generator | None = None, wrap: Callable[[Denoiser], Denoiser] | None = None,
-             progress: bool = False, **sampler_kw: Any) -> Tensor:
-    """Sample n images [n, C, H, W] in [-1, 1]: conditions -> CFG -> (wrap) -> sampler -> decode."""
+             upsample_guidance: float | None = None, ug_eta: float = 1.0, generator: torch.Generator | None = None,
+             wrap: Callable[[Denoiser], Denoiser] | None = None, progress: bool = False, **sampler_kw: Any) -> Tensor:
+    """Sample n images [n, C, H, W] in [-1, 1]: conditions -> CFG -> Upsample Guidance (weight
+    `upsample_guidance`, for sizes s x the training one) -> (wrap) -> sampler -> decode."""
     H, W = height or pipe.resolution[0], width or pipe.resolution[1]
     shape = pipe.latent_shape(H, W)
     cond, uncond = pipe.conditions(n, labels, prompts, negative)
     denoiser: Denoiser = pipe.denoiser()
     if cond and cfg_scale != 1:
         denoiser = CFG(denoiser, cfg_scale, uncond)
+    if upsample_guidance is not None:
+        denoiser = UpsampleGuidance(denoiser, pipe.schedule, upsample_factor(pipe, H, W), upsample_guidance, ug_eta)
     if wrap is not None:
         denoiser = wrap(denoiser)
     ts = pipe.settings.grid(pipe.schedule, steps, spacing)
