@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -329,6 +330,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         save_pipeline(pipe, out / "model")
 
     data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
+    writer = tensorboard_writer(out) if T.tensorboard and procs.main else None
     bar = tqdm(total=T.steps, initial=progress.step, disable=not procs.main, desc="training")
     window, t_last, seen = [], time.perf_counter(), 0
     with StopRequest(procs) as stop:
@@ -378,6 +380,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                               "grad_norm": grad_norm.item(), "img_per_s": rate, "epoch": progress.epoch}
                     with open(out / "log.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    for key in ("loss", "lr", "grad_norm", "img_per_s") if writer else ():
+                        writer.add_scalar(f"train/{key}", record[key], progress.step)
                 window, t_last, seen = [], time.perf_counter(), 0
             if procs.main and (progress.step % T.sample_every == 0 or progress.step == T.steps):
                 sample_grid(cfg, pipe, out / "samples" / f"step_{progress.step:07d}.png")
@@ -393,6 +397,16 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return out / "model"
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard SummaryWriter under out/tensorboard, or None (with a warning) if tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("train.tensorboard is set but the tensorboard package is not installed; logging to log.jsonl only")
+        return None
+    return SummaryWriter(out / "tensorboard")
 
 
 def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path) -> Path:
