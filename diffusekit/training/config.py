@@ -31,8 +31,11 @@ class DiffusionSection:
     timesteps: int = 1000
     zero_terminal_snr: bool = False
     shift: float = 1.0  # rectified-flow resolution shift
+    beta_range: list[float] | None = None  # another beta range for linear / scaled_linear
     prediction: str = "eps"  # eps, x0, v, flow
     timestep_scale: float = 1.0  # network timestep = t * scale (1000 for SD3-style flow)
+    spacing: str = ""  # the model's default sampling grid: leading, trailing, linspace ("" = trailing)
+    steps_offset: int = 0
     t_sampling: str = "uniform"  # uniform, logit_normal
     logit_mean: float = 0.0
     logit_std: float = 1.0

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -286,8 +286,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     net = build(cfg.model.type, cfg.model.config, device=device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     num_classes = getattr(dataset, "num_classes", None) if "class_labels" in getattr(net, "cond_keys", ()) else None
-    settings = DiffusionSettings(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.zero_terminal_snr,
-                                 cfg.diffusion.shift, cfg.diffusion.prediction, cfg.diffusion.timestep_scale)
+    settings = DiffusionSettings(**{f.name: getattr(cfg.diffusion, f.name) for f in fields(DiffusionSettings)})
     pipe = Pipeline(ema, settings, resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder)
     conditioner = Conditioner(net, num_classes, text_encoder, resolution)
     opt = torch.optim.AdamW(net.parameters(), lr=T.lr, betas=T.betas, weight_decay=T.weight_decay)
