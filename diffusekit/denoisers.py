@@ -20,13 +20,6 @@ Cond = Mapping[str, Tensor]
 
 
 class Denoiser(Protocol):
-    def _net(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
-        """The network on x in its own dtype (floating conditions cast alike), timesteps scaled."""
-        param = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
-        dtype = param.dtype if param is not None else x.dtype
-        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
-        return self.net(x.to(dtype), (t * self.timestep_scale).to(x.device, torch.float32), **cond)
-
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction: ...
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import build, save_pretrained
 from ..images import save_grid
 from .config import TrainConfig, to_dict
-from .loop import Batches, Processes, StopRequest, learning_rate, make_dataset, plot_log
+from .loop import Batches, Processes, StopRequest, learning_rate, make_dataset, plot_log, step_boundary
 from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -100,9 +100,9 @@ def train_autoencoder(cfg: TrainConfig, resume: bool = True) -> Path:
     fixed = torch.stack([dataset[i]["image"] for i in range(8)]).to(device)
 
     data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
-    bar = tqdm(total=T.steps, initial=progress.step, disable=not procs.main, desc="training autoencoder")
     t_last, seen = time.perf_counter(), 0
-    with StopRequest(procs) as stop:
+    with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
+                                          desc="training autoencoder") as bar:
         while progress.step < T.steps:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, progress.step)
@@ -118,18 +118,9 @@ def train_autoencoder(cfg: TrainConfig, resume: bool = True) -> Path:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(log) + "\n")
                 t_last, seen = time.perf_counter(), 0
-            if procs.main and (progress.step % T.sample_every == 0 or progress.step == T.steps):
-                with torch.no_grad():
-                    rec = ae.from_latent(ae.to_latent(fixed))
-                save_grid(torch.cat([fixed, rec.clamp(-1, 1)]), out / "samples" / f"step_{progress.step:07d}.png",
-                          nrow=8, row_labels=["input", "recon"], scale=2)
-            stopping = stop.requested()
-            if (progress.step % T.ckpt_every == 0 or progress.step == T.steps or stopping) and procs.main:
-                save_checkpoint(out / "checkpoints", progress, modules, optimizers, generator, config_dict, keep=T.keep_last)
-            if stopping:
-                bar.close()
-                raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, run again to resume")
-    bar.close()
+            step_boundary(cfg, progress, procs, stop, lambda: reconstruction_grid(ae, fixed, out, progress.step),
+                          lambda: save_checkpoint(out / "checkpoints", progress, modules, optimizers, generator,
+                                                  config_dict, keep=T.keep_last))
     if procs.main:
         ae.eval()
         ae.config.scaling_factor = estimate_scaling(ae, dataset, A.scale_samples, device)
@@ -138,6 +129,14 @@ def train_autoencoder(cfg: TrainConfig, resume: bool = True) -> Path:
         plot_log(out)
         print(f"latent scaling factor 1 / std = {ae.config.scaling_factor:.4f}")
     return out / "model"
+
+
+@torch.no_grad()
+def reconstruction_grid(ae: nn.Module, fixed: Tensor, out: Path, step: int) -> Path:
+    """Inputs above their reconstructions, as a PNG."""
+    rec = ae.from_latent(ae.to_latent(fixed)).clamp(-1, 1)
+    return save_grid(torch.cat([fixed, rec]), out / "samples" / f"step_{step:07d}.png", nrow=8,
+                     row_labels=["input", "recon"], scale=2)
 
 
 def step_autoencoder(model: nn.Module, d_model: nn.Module, ae: nn.Module, lpips: nn.Module | None, last: Tensor,

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -251,6 +251,20 @@ class StopRequest:
         return bool(flag.item())
 
 
+def step_boundary(cfg: TrainConfig, progress: Progress, procs: Processes, stop: StopRequest,
+                  sample: Callable[[], Any], save: Callable[[], Any]) -> None:
+    """After an optimizer step: the periodic sample grid and checkpoint, and a requested stop (after
+    checkpointing, so that the run resumes exactly where it stopped)."""
+    T, step = cfg.train, progress.step
+    if procs.main and (step % T.sample_every == 0 or step == T.steps):
+        sample()
+    stopping = stop.requested()
+    if procs.main and (step % T.ckpt_every == 0 or step == T.steps or stopping):
+        save()
+    if stopping:
+        raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, run again to resume")
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, then constant or cosine decay to 0 at the last step."""
     t = cfg.train
@@ -330,9 +344,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
     data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
     writer = tensorboard_writer(out) if T.tensorboard and procs.main else None
-    bar = tqdm(total=T.steps, initial=progress.step, disable=not procs.main, desc="training")
     window, t_last, seen = [], time.perf_counter(), 0
-    with StopRequest(procs) as stop:
+    with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
+                                          desc="training") as bar:
         while progress.step < T.steps:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, progress.step)
@@ -382,15 +396,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                     for key in ("loss", "lr", "grad_norm", "img_per_s") if writer else ():
                         writer.add_scalar(f"train/{key}", record[key], progress.step)
                 window, t_last, seen = [], time.perf_counter(), 0
-            if procs.main and (progress.step % T.sample_every == 0 or progress.step == T.steps):
-                sample_grid(cfg, pipe, out / "samples" / f"step_{progress.step:07d}.png")
-            stopping = stop.requested()
-            if (progress.step % T.ckpt_every == 0 or progress.step == T.steps or stopping) and procs.main:
-                checkpoint()
-            if stopping:
-                bar.close()
-                raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, run again to resume")
-    bar.close()
+            step_boundary(cfg, progress, procs, stop, lambda: sample_grid(cfg, pipe, out / "samples" /
+                                                                          f"step_{progress.step:07d}.png"), checkpoint)
     if procs.main:
         plot_log(out)
     if dist.is_initialized():
