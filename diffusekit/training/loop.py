@@ -376,7 +376,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            update_ema(ema, net, T.ema_decay if progress.step >= T.warmup else 0.0)
+            update_ema(ema, net, min(T.ema_decay, (1 + progress.step) / (10 + progress.step)))  # EMA warm-up
             progress.step += 1
             bar.update(1)
             window.append(torch.stack(losses).mean())
