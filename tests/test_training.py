@@ -171,3 +171,16 @@ def test_unknown_config_key_names_it(tmp_path, capsys):
         main(["train", str(CONFIGS / "mnist_unet.toml"), "--set", "train.learning_rate=1"])
     with pytest.raises(SystemExit, match="unknown config key 'dat'"):
         main(["train", str(CONFIGS / "mnist_unet.toml"), "--set", "dat.resolution=1"])
+
+
+def test_bf16_autocast_accumulation_offset_noise_and_flow_targets(tmp_path):
+    """The remaining trainer options run and learn: bf16 autocast, 2 accumulated micro-batches, offset
+    noise, logit-normal times, rectified flow with a velocity target."""
+    cfg = tiny("mnist_unet.toml", tmp_path, "train.steps=30", "train.mixed_precision='bf16'", "train.grad_accum=2",
+               "diffusion.offset_noise=0.1", "diffusion.schedule='flow'", "diffusion.prediction='flow'",
+               "diffusion.timestep_scale=1000.0", "diffusion.t_sampling='logit_normal'", "train.lr=3e-3",
+               "train.log_every=10", "data.holdout=9984", "sample.sampler='euler'", "train.sample_every=30")
+    loop.train(cfg)
+    losses = [r["loss"] for r in log(tmp_path)]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert (tmp_path / "samples" / "step_0000030.png").is_file()
