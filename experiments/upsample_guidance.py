@@ -107,7 +107,7 @@ def experiment(args) -> None:
               "flops": {"plain_step": plain, "ug_step": guided, "overhead": guided / plain - 1, "bound": 1 / s**2}}
     (out / f"{args.experiment}.json").write_text(json.dumps(report, indent=1))
     base = next(r["seconds"] for r in rows if "no UG" in r["method"])
-    lines = [f"| method | Frechet | KID | precision | recall | class accuracy | time (s) | time vs no UG |",
+    lines = ["| method | Frechet | KID | precision | recall | class accuracy | time (s) | time vs no UG |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['frechet']:.3f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} "

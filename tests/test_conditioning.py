@@ -30,7 +30,6 @@ def test_min_snr_weighting_puts_min_snr_gamma_on_the_x0_error(kind):
     x0, eps = torch.randn(2, 5, 1, 4, 4, dtype=torch.float64)
     t = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95], dtype=torch.float64) * schedule.t_max
     a, b = (c.reshape(-1, 1, 1, 1) for c in schedule.alpha_sigma(t))
-    x_t = a * x0 + b * eps
     x0_err = 0.01 * torch.randn_like(x0)
 
     def net(x, timestep):  # predicts x0 + x0_err, expressed in its own parametrization

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from diffusekit import samplers
-from diffusekit.denoisers import NetworkDenoiser
 from diffusekit.parametrization import Prediction
 from diffusekit.samplers import SAMPLERS, get_sampler
 from diffusekit.schedules import FlowSchedule, VPSchedule, img2img_grid

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import from_pretrained, read_config, save_pretrained
-from ..denoisers import Cond, Denoiser, NetworkDenoiser
+from ..denoisers import Denoiser, NetworkDenoiser
 from ..guidance import CFG, UpsampleGuidance
 from ..samplers import get_sampler
 from ..schedules import Schedule, make_schedule

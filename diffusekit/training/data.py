@@ -1,4 +1,5 @@
-"""Datasets: bundled MNIST, folders of images with labels or captions, procedural captioned shapes.
+"""Datasets: bundled MNIST, folders of images with labels or captions, procedural captioned shapes;
+and what the trainers draw from them: resumable global batches, cached autoencoder latents.
 
 Every dataset returns samples as dicts: `image` [C, H, W] float in [-1, 1] and, where present,
 `label` (int), `caption` (str), `original_size` (h, w) and `crop_top_left` (top, left) for SDXL-style
@@ -9,7 +10,7 @@ resumed run sees exactly the data it would have seen.
 from __future__ import annotations
 
 import json
-import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -18,10 +19,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch import Tensor
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .config import DataSection
+from .state import Progress
 
 MNIST_PATH = Path(__file__).resolve().parent.parent / "assets" / "mnist10k.npz"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -184,3 +191,104 @@ class Shapes(Dataset):
             self._draw(draw, shape, colour, R / 2, R / 2, R / 8 if size == "small" else R / 3.2)
             caption = f"a {size} {colour} {shape}"
         return {"image": to_tensor(img, 3), "caption": caption}
+
+
+# ----------------------------------------------------------------------------- batches for the trainers
+
+def make_dataset(cfg: DataSection, seed: int = 0):
+    """The dataset a config names."""
+    if cfg.dataset == "mnist":
+        return MNIST(cfg.resolution, cfg.pad, slice(0, 10_000 - cfg.holdout))
+    if cfg.dataset == "folder":
+        return ImageFolder(cfg.path, cfg.resolution, cfg.channels, cfg.random_crop, cfg.random_flip, seed)
+    if cfg.dataset == "shapes":
+        return Shapes(cfg.resolution, cfg.size, seed)
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: mnist, folder, shapes")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = values if isinstance(values[0], str) else torch.stack([torch.as_tensor(v) for v in values])
+    return out
+
+
+class Batches:
+    """Global batches in a seeded per-epoch permutation, resumable from (epoch, batch)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, progress: Progress):
+        if len(dataset) < batch_size:
+            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
+        self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, num_workers
+        self.progress = progress
+
+    def _order(self, epoch: int) -> list[list[int]]:
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        n = len(perm) // self.batch_size
+        return perm[:n * self.batch_size].reshape(n, self.batch_size).tolist()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            p = self.progress
+            order = self._order(p.epoch)[p.batch:]
+            if hasattr(self.dataset, "epoch"):
+                self.dataset.epoch = p.epoch
+            if hasattr(self.dataset, "get_batch"):
+                batches = (self.dataset.get_batch(b) for b in order)
+            else:
+                batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=order, collate_fn=collate,
+                                                           num_workers=self.workers))
+            for batch in batches:
+                p.batch += 1
+                yield batch
+            p.epoch, p.batch = p.epoch + 1, 0
+
+
+class LatentCache:
+    """A dataset encoded once by a frozen KL autoencoder: posterior means and stds in memory (and on
+    disk, keyed by the autoencoder and data), with the labels or captions of the images."""
+
+    def __init__(self, dataset, ae: nn.Module, path: Path, device: torch.device, main: bool):
+        if getattr(dataset, "crop", None) is not None and (dataset.crop.random_crop or dataset.crop.random_flip):
+            raise ValueError("latent caching needs deterministic images: turn off random_crop / random_flip or latent.cache")
+        if main and not path.is_file():
+            self._encode(dataset, ae, path, device)
+        if dist.is_initialized():
+            dist.barrier()
+        data = load_file(path)
+        self.mean, self.std = data["mean"], data["std"]
+        self.labels = data.get("label")
+        self.captions = json.loads((path.with_suffix(".json")).read_text()) if path.with_suffix(".json").is_file() else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _encode(dataset, ae: nn.Module, path: Path, device: torch.device) -> None:
+        means, stds, labels, captions = [], [], [], []
+        for i in tqdm(range(0, len(dataset), 64), desc="encoding latents"):
+            batch = collate([dataset[j] for j in range(i, min(i + 64, len(dataset)))])
+            post = ae.encode(batch["image"].to(device, next(ae.parameters()).dtype))
+            means.append(post.mean.float().cpu())
+            stds.append(post.std.float().cpu())
+            labels += batch.get("label", torch.empty(0)).tolist()
+            captions += batch.get("caption", [])
+        tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}
+        if labels:
+            tensors["label"] = torch.tensor(labels)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, tmp)
+        if captions:
+            path.with_suffix(".json").write_text(json.dumps(captions))
+        os.replace(tmp, path)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def get_batch(self, indices: list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices)
+        batch: dict[str, Any] = {"mean": self.mean[idx], "std": self.std[idx]}
+        if self.labels is not None:
+            batch["label"] = self.labels[idx]
+        if self.captions is not None:
+            batch["caption"] = [self.captions[i] for i in indices]
+        return batch

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,8 @@ from ..denoisers import NetworkDenoiser
 from ..images import save_grid
 from ..pipelines.common import DiffusionSettings, Pipeline, generate, save_pipeline
 from ..plots import line_png
-from .config import DataSection, TrainConfig, to_dict
-from .data import MNIST, ImageFolder, Shapes
+from .config import TrainConfig, to_dict
+from .data import Batches, LatentCache, make_dataset
 from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -68,111 +68,6 @@ class Processes:
         """This process's slice of a global batch."""
         n = len(x) // self.world
         return x[self.rank * n:(self.rank + 1) * n]
-
-
-# ----------------------------------------------------------------------------- data
-
-def make_dataset(cfg: DataSection, seed: int = 0):
-    """The dataset a config names."""
-    if cfg.dataset == "mnist":
-        return MNIST(cfg.resolution, cfg.pad, slice(0, 10_000 - cfg.holdout))
-    if cfg.dataset == "folder":
-        return ImageFolder(cfg.path, cfg.resolution, cfg.channels, cfg.random_crop, cfg.random_flip, seed)
-    if cfg.dataset == "shapes":
-        return Shapes(cfg.resolution, cfg.size, seed)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: mnist, folder, shapes")
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        out[key] = values if isinstance(values[0], str) else torch.stack([torch.as_tensor(v) for v in values])
-    return out
-
-
-class Batches:
-    """Global batches in a seeded per-epoch permutation, resumable from (epoch, batch)."""
-
-    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, progress: Progress):
-        if len(dataset) < batch_size:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
-        self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, num_workers
-        self.progress = progress
-
-    def _order(self, epoch: int) -> list[list[int]]:
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        n = len(perm) // self.batch_size
-        return perm[:n * self.batch_size].reshape(n, self.batch_size).tolist()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            p = self.progress
-            order = self._order(p.epoch)[p.batch:]
-            if hasattr(self.dataset, "epoch"):
-                self.dataset.epoch = p.epoch
-            if hasattr(self.dataset, "get_batch"):
-                batches = (self.dataset.get_batch(b) for b in order)
-            else:
-                batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=order, collate_fn=collate,
-                                                           num_workers=self.workers))
-            for batch in batches:
-                p.batch += 1
-                yield batch
-            p.epoch, p.batch = p.epoch + 1, 0
-
-
-class LatentCache:
-    """A dataset encoded once by a frozen KL autoencoder: posterior means and stds in memory (and on
-    disk, keyed by the autoencoder and data), with the labels or captions of the images."""
-
-    def __init__(self, dataset, ae: nn.Module, path: Path, device: torch.device, main: bool):
-        if getattr(dataset, "crop", None) is not None and (dataset.crop.random_crop or dataset.crop.random_flip):
-            raise ValueError("latent caching needs deterministic images: turn off random_crop / random_flip or latent.cache")
-        if main and not path.is_file():
-            self._encode(dataset, ae, path, device)
-        if dist.is_initialized():
-            dist.barrier()
-        from safetensors.torch import load_file
-
-        data = load_file(path)
-        self.mean, self.std = data["mean"], data["std"]
-        self.labels = data.get("label")
-        self.captions = json.loads((path.with_suffix(".json")).read_text()) if path.with_suffix(".json").is_file() else None
-
-    @staticmethod
-    @torch.no_grad()
-    def _encode(dataset, ae: nn.Module, path: Path, device: torch.device) -> None:
-        from safetensors.torch import save_file
-
-        means, stds, labels, captions = [], [], [], []
-        for i in tqdm(range(0, len(dataset), 64), desc="encoding latents"):
-            batch = collate([dataset[j] for j in range(i, min(i + 64, len(dataset)))])
-            post = ae.encode(batch["image"].to(device, next(ae.parameters()).dtype))
-            means.append(post.mean.float().cpu())
-            stds.append(post.std.float().cpu())
-            labels += batch.get("label", torch.empty(0)).tolist()
-            captions += batch.get("caption", [])
-        tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}
-        if labels:
-            tensors["label"] = torch.tensor(labels)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp)
-        if captions:
-            path.with_suffix(".json").write_text(json.dumps(captions))
-        os.replace(tmp, path)
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def get_batch(self, indices: list[int]) -> dict[str, Any]:
-        idx = torch.as_tensor(indices)
-        batch: dict[str, Any] = {"mean": self.mean[idx], "std": self.std[idx]}
-        if self.labels is not None:
-            batch["label"] = self.labels[idx]
-        if self.captions is not None:
-            batch["caption"] = [self.captions[i] for i in indices]
-        return batch
 
 
 # ----------------------------------------------------------------------------- conditions
