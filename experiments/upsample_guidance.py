@@ -48,7 +48,8 @@ def run_methods(methods: dict[str, Method], labels: torch.Tensor, args, measure:
         rows.append({"method": method, **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(seconds, 1)})
         print(json.dumps(rows[-1]), flush=True)
         pick = torch.cat([images[labels == c][:args.grid] for c in range(10)])
-        save_grid(pick, out / f"{name}_{method.replace(' ', '_').replace('=', '').replace('/', '')}.png", nrow=args.grid,
+        slug = "".join(c if c.isalnum() or c == "." else "_" for c in method).strip("_")
+        save_grid(pick, out / f"{name}_{slug}.png", nrow=args.grid,
                   row_labels=[str(c) for c in range(10)], scale=2)
     return rows
 
@@ -102,16 +103,22 @@ def experiment(args) -> None:
         measure = lambda x: x  # noqa: E731
     rows = run_methods(methods, labels, args, measure, data.images, out, args.experiment)
     plain, guided = flops_per_step(low, H, W, s)
+    ts = low.settings.grid(low.schedule, args.steps)[:-1]
+    for r in rows:  # FLOP overhead of the whole sampling run: the low-res call only runs while UG is on
+        eta = float(r["method"].split("eta=")[1]) if "eta=" in r["method"] else 1.0
+        active = (ts >= (1 - eta) * low.schedule.t_max).double().mean().item() if "UG w=" in r["method"] else 0.0
+        r["ug_steps"], r["flop_overhead"] = round(active, 3), round(active * (guided / plain - 1), 4)
     report = {"experiment": args.experiment, "model": args.low, "trained": [h, w], "generated": [H, W], "s": s,
               "samples": len(labels), **kw, "rows": rows,
               "flops": {"plain_step": plain, "ug_step": guided, "overhead": guided / plain - 1, "bound": 1 / s**2}}
     (out / f"{args.experiment}.json").write_text(json.dumps(report, indent=1))
     base = next(r["seconds"] for r in rows if "no UG" in r["method"])
-    lines = ["| method | Frechet | KID | precision | recall | class accuracy | time (s) | time vs no UG |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | Frechet | KID | precision | recall | class accuracy | time (s) | time vs no UG | FLOPs vs no UG |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['frechet']:.3f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} "
-                     f"| {r['class_accuracy']:.3f} | {r['seconds']} | {r['seconds'] / base:.2f} |")
+                     f"| {r['class_accuracy']:.3f} | {r['seconds']} | {r['seconds'] / base:.2f} | "
+                     f"{'+' + format(100 * r['flop_overhead'], '.1f') + '%' if r['ug_steps'] else ''} |")
     lines.append(f"\nFLOPs per guided step: {plain / 1e6:.1f} M without UG, {guided / 1e6:.1f} M with UG "
                  f"(+{100 * (guided / plain - 1):.1f}%; the 1/s^2 bound is {100 / s**2:.1f}%).")
     (out / f"{args.experiment}.md").write_text("\n".join(lines) + "\n")
