@@ -190,3 +190,18 @@ def test_bad_sizes_and_factors():
     with pytest.raises(ValueError, match="integer >= 2"):
         UpsampleGuidance(Oracle(schedule), schedule, 1)
     assert math.isclose(UpsampleGuidance(Oracle(schedule), schedule, 2, eta=0.3).weight(0.71 * 999), 0.2)
+
+
+def test_runs_on_a_text_and_sdxl_conditioned_unet_with_cfg():
+    """Cross-attention tokens, pooled text and micro-conditioning pass to both resolutions unchanged."""
+    from diffusekit.checkpoints import build
+
+    net = build("unet", dict(in_channels=4, out_channels=4, channels=8, channel_mult=(1, 2), attention_levels=(1,),
+                             num_heads=2, context_dim=16, norm_groups=4, addition_time_embed_dim=8,
+                             addition_embed_dim=12 + 6 * 8))
+    schedule = SCHEDULES["vp"]
+    cond = {"context": torch.randn(2, 5, 16), "pooled": torch.randn(2, 12), "time_ids": torch.rand(2, 6) * 64}
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    den = UpsampleGuidance(CFG(NetworkDenoiser(net, schedule, "v"), 5.0, uncond), schedule, 2, 0.2)
+    x = SAMPLERS["dpmpp_2m"](den, torch.randn(2, 4, 16, 8), schedule.timesteps(3), schedule, cond)
+    assert x.shape == (2, 4, 16, 8) and torch.isfinite(x).all()

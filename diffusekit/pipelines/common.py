@@ -169,8 +169,9 @@ def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = 
     return path
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
-    """Load a model folder written by `save_pipeline` (or by the trainer)."""
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> Pipeline:
+    """Load a model folder written by `save_pipeline` (or by the trainer), computing in `dtype` whatever
+    precision the weights are stored in (None keeps the stored one)."""
     path = Path(path)
     meta = read_config(path)
     for key in ("diffusion", "image"):
