@@ -72,6 +72,7 @@ def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
         extra.append(f"latent.autoencoder={json.dumps(str(autoencoders[preset.split('_')[0]]))}")
     if "shapes" in preset:
         extra.append("data.size=64")
+    tmp_path = tmp_path / "run"  # a run folder that does not exist yet
     model = loop.train(tiny(preset, tmp_path, *extra))
     rows = log(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)

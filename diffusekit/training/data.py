@@ -273,6 +273,7 @@ class LatentCache:
             labels += batch.get("label", torch.empty(0)).tolist()
             captions += batch.get("caption", [])
         tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}
+        path.parent.mkdir(parents=True, exist_ok=True)
         if labels:
             tensors["label"] = torch.tensor(labels)
         tmp = path.with_name(path.name + ".tmp")
