@@ -6,7 +6,8 @@
 
 For each method the same seeds give the same initial noise; samples are measured against real digits
 in the feature space of the shipped MNIST classifier (Frechet distance, KID, precision / recall) and by
-the share classified as the requested digit. Writes <out>/<experiment>.json, a markdown table and one
+the share classified as the requested digit, and by their high-frequency "detail" (energy of x - U[D[x]]
+relative to real digits: blur lowers it, noise raises it). Writes <out>/<experiment>.json, a markdown table and one
 PNG grid per method (a row per digit).
 """
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusekit.evaluation import evaluate_samples, load_mnist_classifier
-from diffusekit.guidance import UpsampleGuidance
+from diffusekit.guidance import UpsampleGuidance, downsample, upsample
 from diffusekit.images import save_grid
 from diffusekit.pipelines.common import Pipeline, generate, load_pipeline
 from diffusekit.training.data import MNIST
@@ -35,20 +36,28 @@ def sampler_kw(args) -> dict:
     return dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
 
 
+def detail(images: torch.Tensor) -> float:
+    """Mean energy of the 2x2 high-frequency part x - U[D[x]] per image: what blurring removes."""
+    return (images - upsample(downsample(images, 2), 2)).pow(2).mean().item()
+
+
 def run_methods(methods: dict[str, Method], labels: torch.Tensor, args, measure: Callable[[torch.Tensor], torch.Tensor],
                 real: torch.Tensor, out: Path, name: str) -> list[dict]:
     """Sample every method on the same seeds, time it, score it, save its grid."""
     classifier, rows = load_mnist_classifier(), []
     for method, fn in methods.items():
+        slug = "".join(c if c.isalnum() or c == "." else "_" for c in method).strip("_")
         t0 = time.perf_counter()
         images = torch.cat([fn(chunk, torch.Generator().manual_seed(args.seed + i))
                             for i, chunk in enumerate(labels.split(args.batch))])
         seconds = time.perf_counter() - t0
         metrics = evaluate_samples(measure(images), real, labels, classifier)
+        metrics["detail"] = detail(measure(images)) / detail(real)
         rows.append({"method": method, **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(seconds, 1)})
+        Path(args.samples).mkdir(parents=True, exist_ok=True)
+        torch.save((images.add(1).mul(127.5).round().to(torch.uint8), labels), Path(args.samples) / f"{name}_{slug}.pt")
         print(json.dumps(rows[-1]), flush=True)
         pick = torch.cat([images[labels == c][:args.grid] for c in range(10)])
-        slug = "".join(c if c.isalnum() or c == "." else "_" for c in method).strip("_")
         save_grid(pick, out / f"{name}_{slug}.png", nrow=args.grid,
                   row_labels=[str(c) for c in range(10)], scale=2)
     return rows
@@ -101,7 +110,11 @@ def experiment(args) -> None:
     else:
         data = MNIST(H)
         measure = lambda x: x  # noqa: E731
-    rows = run_methods(methods, labels, args, measure, data.images, out, args.experiment)
+    real, spare = data.images[:8000], data.images[8000:]  # the reference row: as many real digits, per class
+    picks = torch.cat([torch.nonzero(data.labels[8000:] == c)[:args.per_class, 0] for c in range(10)])
+    chunks = iter(picks.split(args.batch))  # consumed in the order run_methods splits the labels
+    methods = {"real digits (reference)": lambda lab, g: spare[next(chunks)]} | methods
+    rows = run_methods(methods, labels, args, measure, real, out, args.experiment)
     plain, guided = flops_per_step(low, H, W, s)
     ts = low.settings.grid(low.schedule, args.steps)[:-1]
     for r in rows:  # FLOP overhead of the whole sampling run: the low-res call only runs while UG is on
@@ -113,11 +126,11 @@ def experiment(args) -> None:
               "flops": {"plain_step": plain, "ug_step": guided, "overhead": guided / plain - 1, "bound": 1 / s**2}}
     (out / f"{args.experiment}.json").write_text(json.dumps(report, indent=1))
     base = next(r["seconds"] for r in rows if "no UG" in r["method"])
-    lines = ["| method | Frechet | KID | precision | recall | class accuracy | time (s) | time vs no UG | FLOPs vs no UG |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | Frechet | KID | precision | recall | class accuracy | detail vs real | time (s) | time vs no UG "
+             "| FLOPs vs no UG |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['frechet']:.3f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} "
-                     f"| {r['class_accuracy']:.3f} | {r['seconds']} | {r['seconds'] / base:.2f} | "
+                     f"| {r['class_accuracy']:.3f} | {r['detail']:.2f} | {r['seconds']} | {r['seconds'] / base:.2f} | "
                      f"{'+' + format(100 * r['flop_overhead'], '.1f') + '%' if r['ug_steps'] else ''} |")
     lines.append(f"\nFLOPs per guided step: {plain / 1e6:.1f} M without UG, {guided / 1e6:.1f} M with UG "
                  f"(+{100 * (guided / plain - 1):.1f}%; the 1/s^2 bound is {100 / s**2:.1f}%).")
@@ -143,6 +156,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid", type=int, default=6, help="samples per digit in the PNG grids")
     ap.add_argument("--out", default="docs/ug")
+    ap.add_argument("--samples", default="runs/ug_samples", help="where all samples are saved (uint8 tensors)")
     experiment(ap.parse_args())
 
 
