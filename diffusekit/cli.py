@@ -37,7 +37,8 @@ def demo(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-BUNDLED = {"mnist": Path(__file__).resolve().parent / "assets" / "mnist_unet"}
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14"}  # 28x28 and 14x14 class-conditional
 
 
 def parse_labels(text: str) -> list[int]:
