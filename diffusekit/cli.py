@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from .evaluation import ASSETS
 from .samplers import SAMPLERS, get_sampler
 from .schedules import BETA_SCHEDULES, make_schedule
 
@@ -37,7 +37,6 @@ def demo(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14"}  # 28x28 and 14x14 class-conditional
 
 

@@ -44,17 +44,18 @@ def detail(images: torch.Tensor) -> float:
 def run_methods(methods: dict[str, Method], labels: torch.Tensor, args, measure: Callable[[torch.Tensor], torch.Tensor],
                 real: torch.Tensor, out: Path, name: str) -> list[dict]:
     """Sample every method on the same seeds, time it, score it, save its grid."""
-    classifier, rows = load_mnist_classifier(), []
+    classifier, rows, real_detail = load_mnist_classifier(), [], detail(real)
+    Path(args.samples).mkdir(parents=True, exist_ok=True)
     for method, fn in methods.items():
         slug = "".join(c if c.isalnum() or c == "." else "_" for c in method).strip("_")
         t0 = time.perf_counter()
         images = torch.cat([fn(chunk, torch.Generator().manual_seed(args.seed + i))
                             for i, chunk in enumerate(labels.split(args.batch))])
         seconds = time.perf_counter() - t0
-        metrics = evaluate_samples(measure(images), real, labels, classifier)
-        metrics["detail"] = detail(measure(images)) / detail(real)
+        measured = measure(images)
+        metrics = evaluate_samples(measured, real, labels, classifier)
+        metrics["detail"] = detail(measured) / real_detail
         rows.append({"method": method, **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(seconds, 1)})
-        Path(args.samples).mkdir(parents=True, exist_ok=True)
         torch.save((images.add(1).mul(127.5).round().to(torch.uint8), labels), Path(args.samples) / f"{name}_{slug}.pt")
         print(json.dumps(rows[-1]), flush=True)
         pick = torch.cat([images[labels == c][:args.grid] for c in range(10)])
