@@ -1,8 +1,9 @@
 """The one interface between networks and everything else (STYLE §1).
 
 A denoiser is any callable  D(x_t, t, cond) -> Prediction(eps_hat, x0_hat)  where x_t is a batch
-[B, ...], t a float64 tensor [B] of schedule times and cond a dict of per-sample condition tensors
-(class labels, text tokens, ...). Samplers and guidance wrappers see only this interface; integer
+[B, ...], t a float64 tensor [B] of schedule times (samplers keep it on the CPU, where the schedule's
+float64 math is free; a denoiser moves what it needs to x's device, so a sampling step never waits on
+the device) and cond a dict of per-sample condition tensors (class labels, text tokens, ...). Samplers and guidance wrappers see only this interface; integer
 timesteps and prediction types live in `NetworkDenoiser`.
 """
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .denoisers import Cond, Denoiser
-from .parametrization import Prediction
+from .parametrization import Prediction, expand_like
 from .schedules import Schedule
 
 
@@ -46,9 +46,8 @@ class CFG:
         both = concat_cond(cond, self.uncond, len(x))
         if self.scale == 0:
             return self.denoiser(x, t, {k: v[len(x):] for k, v in both.items()})
-        p = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both)
-        (eps_c, eps_u), (x0_c, x0_u) = p.eps.chunk(2), p.x0.chunk(2)
-        return Prediction(eps_u, x0_u).combine(Prediction(eps_c, x0_c), self.scale)
+        p_c, p_u = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return p_u.combine(p_c, self.scale)
 
 
 def downsample(x: Tensor, s: int) -> Tensor:
@@ -78,22 +77,23 @@ class UpsampleGuidance:
             raise ValueError(f"the upsampling factor s must be an integer >= 2, got {s!r}")
         self.denoiser, self.schedule, self.s, self.w, self.eta = denoiser, schedule, s, w, eta
 
-    def weight(self, t: float) -> float:
-        """w_t: w while t >= (1 - eta) t_max, else -1 (off)."""
-        return self.w if t >= (1 - self.eta) * self.schedule.t_max else -1.0
+    def weight(self, t: Tensor | float) -> Tensor:
+        """w_t per sample: w while t >= (1 - eta) t_max, else -1 (off)."""
+        on = torch.as_tensor(t, dtype=torch.float64) >= (1 - self.eta) * self.schedule.t_max
+        return on.double() * (1 + self.w) - 1
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction:
         s, (H, W) = self.s, x.shape[-2:]
         if H % s or W % s:
             raise ValueError(f"Upsample Guidance needs H and W divisible by s = {s}, got {H}x{W}")
         p = self.denoiser(x, t, cond)
-        w = self.weight(float(t[0]))
-        if w == -1:
+        w = self.weight(t)
+        if t.device.type == "cpu" and bool((w == -1).all()):  # times on the host: skipping costs no sync
             return p
         tau, rho = self.schedule.pooled_time(t, s)
-        rho = rho.to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        rho, w = (expand_like(c, x) for c in (rho, w))
         low_cond = {k: downsample(v, s) if v.ndim == 4 and v.shape[-2:] == (H, W) else v for k, v in (cond or {}).items()}
-        q = self.denoiser(downsample(x, s) / rho, tau.to(t), low_cond)
+        q = self.denoiser(downsample(x, s) / rho, tau, low_cond)
         eps = p.eps + (1 + w) * upsample(q.eps / s - downsample(p.eps, s), s)
         x0 = p.x0 + (1 + w) * upsample(q.x0 - downsample(p.x0, s), s)
-        return Prediction(eps, x0, p.var_frac)
+        return p._replace(eps=eps, x0=x0)

@@ -10,7 +10,7 @@ Samplers and guidance only ever see a `Prediction`, so none of them special-case
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +26,20 @@ class Prediction(NamedTuple):
     eps: Tensor
     x0: Tensor
     var_frac: Tensor | None = None
+
+    def map(self, f: Callable[[Tensor], Tensor]) -> "Prediction":
+        """f applied to every field that is present."""
+        return Prediction(*(None if v is None else f(v) for v in self))
+
+    def chunk(self, n: int) -> tuple["Prediction", ...]:
+        """Split every field into n equal parts along the batch (CFG's [cond; uncond])."""
+        parts = [[None] * n if v is None else v.chunk(n) for v in self]
+        return tuple(Prediction(*fields) for fields in zip(*parts))
+
+    @staticmethod
+    def cat(predictions: Sequence["Prediction"]) -> "Prediction":
+        """Concatenate predictions along the batch, field by field."""
+        return Prediction(*(None if vs[0] is None else torch.cat(vs) for vs in zip(*predictions)))
 
     def combine(self, other: "Prediction", weight: float) -> "Prediction":
         """self + weight * (other - self) for eps and x0 (both affine in the model output); the variance
@@ -85,5 +99,5 @@ def x0_weight(kind: str, a: Tensor, b: Tensor) -> Tensor:
 
 def expand_like(c: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample coefficient [B] (or scalar) to broadcast against x [B, ...], in x's dtype."""
-    c = torch.as_tensor(c, device=x.device).to(x.dtype)
+    c = torch.as_tensor(c).to(device=x.device, dtype=x.dtype)
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))

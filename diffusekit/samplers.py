@@ -51,7 +51,7 @@ def _state(x: Tensor) -> Tensor:
 
 
 def _denoise(denoiser: Denoiser, x: Tensor, t: float, cond: Cond | None) -> Prediction:
-    p = denoiser(x, torch.full((len(x),), t, dtype=torch.float64, device=x.device), cond)
+    p = denoiser(x, torch.full((len(x),), t, dtype=torch.float64), cond)  # times stay on the host (no syncs)
     if p.eps.shape != x.shape or p.x0.shape != x.shape:
         raise ValueError(f"denoiser returned shapes {tuple(p.eps.shape)}, {tuple(p.x0.shape)} for x {tuple(x.shape)}")
     return p._replace(eps=p.eps.to(x.dtype), x0=p.x0.to(x.dtype))
@@ -137,13 +137,14 @@ def heun(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Co
          generator: torch.Generator | None = None, callback: Callback | None = None,
          progress: bool = False) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1) in ODE coordinates y = x / c, s = b / c
-    (sigma space for VP, flow space for rectified flow); Euler on the last step to clean data."""
+    (sigma space for VP, flow space for rectified flow). Euler (x = a_s x0_hat + b_s eps_hat) on the last
+    step to clean data and on a first step from pure noise (zero terminal SNR, where sigma is infinite)."""
     x = _state(x)
     c = schedule.ode_scale(check_grid(schedule, ts)).tolist()
     for s in _steps(ts, schedule, progress):
         p = _denoise(denoiser, x, s.t, cond)
-        if s.b_next == 0:
-            x = s.a_next * p.x0
+        if s.b_next == 0 or c[s.i] == 0:
+            x = s.a_next * p.x0 + s.b_next * p.eps
         else:
             c_t, c_s = c[s.i], c[s.i + 1]
             sig, sig_next = s.b / c_t, s.b_next / c_s

@@ -19,6 +19,16 @@ def _as_f64(t: Tensor | float | Sequence[float]) -> Tensor:
     return t.to(torch.float64) if isinstance(t, Tensor) else torch.as_tensor(t, dtype=torch.float64)
 
 
+def _require(ok: Tensor, message: str) -> None:
+    """ValueError(message) unless `ok` is all true; off the CPU an asynchronous device assert, so that
+    checking never stalls an accelerator's queue (no host sync)."""
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok.all(), message)
+
+
 class Schedule:
     """Base class: a_t, b_t, logSNR and its inverse."""
 
@@ -118,6 +128,13 @@ class VPSchedule(Schedule):
         self.t_clean, self.t_min, self.t_max = -1.0, 0.0, float(self.T - 1)
         # logSNR on the extended index t + 1 = 0..T: entry 0 is clean data (logSNR = +inf)
         self._logsnr = torch.cat([torch.tensor([math.inf], dtype=torch.float64), ac.log() - (-ac).log1p()])
+        self._tables: dict[torch.device, Tensor] = {}
+
+    def _table(self, device: torch.device) -> Tensor:
+        """The extended logSNR table on `device`, copied there once."""
+        if device not in self._tables:
+            self._tables[device] = self._logsnr.to(device)
+        return self._tables[device]
 
     @classmethod
     def named(cls, name: str, T: int = 1000, zero_terminal_snr: bool = False, beta_range: tuple[float, float] | None = None) -> "VPSchedule":
@@ -138,12 +155,11 @@ class VPSchedule(Schedule):
     def logsnr(self, t: Tensor | float) -> Tensor:
         """logSNR at t in {-1} U [0, T-1], linear between table entries."""
         pos = _as_f64(t) + 1
-        if bool(((pos < 0) | (pos > self.T) | ((pos > 0) & (pos < 1))).any()):
-            raise ValueError(f"t must be -1 (clean) or inside [0, {self.T - 1}], got {t}")
+        _require((pos == 0) | ((pos >= 1) & (pos <= self.T)), f"t must be -1 (clean) or inside [0, {self.T - 1}], got {t}")
         lo = pos.floor().long()
         hi = (lo + 1).clamp(max=self.T)
         frac = pos - lo
-        table = self._logsnr.to(pos.device)
+        table = self._table(pos.device)
         l_lo, l_hi = table[lo], table[hi]
         return torch.where(frac == 0, l_lo, l_lo + frac * (l_hi - l_lo))
 
@@ -153,7 +169,7 @@ class VPSchedule(Schedule):
 
     def t_from_logsnr(self, logsnr: Tensor | float) -> Tensor:
         l = _as_f64(logsnr)
-        table = self._logsnr[1:].to(l.device)  # decreasing, t = 0..T-1
+        table = self._table(l.device)[1:]  # decreasing, t = 0..T-1
         l = l.clamp(min=table[-1], max=table[0])
         i = torch.searchsorted(-table, -l).clamp(1, self.T - 1)  # table[i-1] >= l >= table[i]
         l0, l1 = table[i - 1], table[i]
@@ -208,8 +224,7 @@ class FlowSchedule(Schedule):
 
     def _checked(self, t: Tensor | float) -> Tensor:
         t = _as_f64(t)
-        if bool(((t < 0) | (t > 1)).any()):
-            raise ValueError(f"rectified-flow time must be inside [0, 1], got {t}")
+        _require((t >= 0) & (t <= 1), f"rectified-flow time must be inside [0, 1], got {t}")
         return t
 
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:

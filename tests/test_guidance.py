@@ -92,3 +92,46 @@ def test_cfg_extremes_sample_the_conditional_and_unconditional_distributions(sca
     y = dpmpp_2m(CFG(den, scale, {"label": -torch.ones_like(label)}), x, ts, schedule, {"label": label}).double()
     torch.testing.assert_close(y.mean(0), target.mean, atol=0.05, rtol=0)
     torch.testing.assert_close(torch.cov(y.T), target.cov, atol=0.05, rtol=0.02)
+
+
+def test_the_batched_path_extrapolates_to_the_early_returns():
+    """out(s) = u + s (c - u) from the one-batch path at s = 2 and 3 meets the s = 0 and s = 1 shortcuts."""
+    x, t, cond, uncond = _inputs()
+    den = Recorder()
+    out2, out3 = (CFG(den, s, uncond)(x, t, cond) for s in (2.0, 3.0))
+    zero, one = CFG(den, 0.0, uncond)(x, t, cond), CFG(den, 1.0, uncond)(x, t, cond)
+    for field in ("eps", "x0"):
+        diff = getattr(out3, field) - getattr(out2, field)
+        torch.testing.assert_close(getattr(out2, field) - 2 * diff, getattr(zero, field))
+        torch.testing.assert_close(getattr(out2, field) - diff, getattr(one, field))
+
+
+def test_learned_variance_survives_cfg_into_ddpm():
+    """CFG keeps the conditional branch's variance interpolation, so a learned-sigma DiT samples with
+    ddpm(variance='learned') under guidance."""
+    from diffusekit.checkpoints import build
+    from diffusekit.denoisers import NetworkDenoiser
+    from diffusekit.samplers import ddpm
+
+    net = build("dit", dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2,
+                            num_classes=10, learned_sigma=True)).eval()
+    schedule = VPSchedule.named("linear")
+    den = NetworkDenoiser(net, schedule)
+    labels = torch.tensor([1, 2])
+    guided = CFG(den, 4.0, {"class_labels": torch.full((2,), 10)})
+    x, t = torch.randn(2, 2, 8, 8, generator=gen(0)), torch.full((2,), 500.0, dtype=torch.float64)
+    with torch.no_grad():
+        p, c = guided(x, t, {"class_labels": labels}), den(x, t, {"class_labels": labels})
+        assert p.var_frac is not None and torch.equal(p.var_frac, c.var_frac)
+        y = ddpm(guided, x, schedule.timesteps(3), schedule, {"class_labels": labels}, variance="learned",
+                 generator=gen(1))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_prediction_chunk_cat_map_keep_every_field():
+    p = Prediction(torch.arange(4.0), torch.arange(4.0) + 10, torch.arange(4.0) / 10)
+    a, b = p.chunk(2)
+    assert torch.equal(b.x0, torch.tensor([12.0, 13.0])) and torch.equal(b.var_frac, torch.tensor([0.2, 0.3]))
+    assert all(torch.equal(u, v) for u, v in zip(Prediction.cat([a, b]), p))
+    assert torch.equal(p.map(lambda v: 2 * v).var_frac, 2 * p.var_frac)
+    assert Prediction(torch.ones(2), torch.ones(2)).chunk(2)[1].var_frac is None
