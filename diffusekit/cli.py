@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.metadata
+import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,27 +43,89 @@ def demo(args: argparse.Namespace) -> None:
 
 
 BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14"}  # 28x28 and 14x14 class-conditional
+UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither nan nor inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def ug_weight(text: str) -> float:
+    """argparse type: an Upsample Guidance weight, -1 (off) or in [0, UG_MAX]."""
+    value = float(text)
+    if value != -1 and not 0 <= value <= UG_MAX:
+        raise argparse.ArgumentTypeError(f"must be -1 (off) or in [0, {UG_MAX:g}], got {text}")
+    return value
 
 
 def parse_labels(text: str) -> list[int]:
-    """'0-9' or '1,3,5' (ranges allowed inside the list)."""
+    """argparse type for class labels: '0-9' or '1,3,5' (ranges allowed inside the list)."""
     out: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        lo, sep, hi = part.strip().partition("-")
+        hi = hi if sep else lo
+        if not (lo.isdecimal() and hi.isdecimal() and int(lo) <= int(hi)):
+            raise argparse.ArgumentTypeError(f"expected labels like 0-9 or 1,3,7 (ascending ranges), got {text!r}")
+        out += range(int(lo), int(hi) + 1)
     return out
+
+
+def model_folder(name: str) -> Path:
+    """The folder of a bundled model's name, or `name` itself if it is a folder."""
+    if name in BUNDLED:
+        return BUNDLED[name]
+    if Path(name).is_dir():
+        return Path(name)
+    close = difflib.get_close_matches(name, BUNDLED, n=1)
+    raise ValueError(f"--model {name!r} is neither a model folder nor a bundled model ({', '.join(BUNDLED)})"
+                     + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def check_conditions(args: argparse.Namespace, pipe) -> None:
+    """Refuse --labels / --prompt / --negative that the model would silently ignore, and labels it lacks."""
+    kind = ("class-conditional (use --labels)" if pipe.num_classes else
+            "text-conditional (use --prompt)" if pipe.text_encoder is not None else "unconditional")
+    if (args.prompt or args.negative) and pipe.text_encoder is None:
+        raise ValueError(f"--prompt / --negative need a text-conditional model; {args.model} is {kind}")
+    if args.labels and not pipe.num_classes:
+        raise ValueError(f"--labels needs a class-conditional model; {args.model} is {kind}")
+    if args.labels and max(args.labels) >= pipe.num_classes:
+        raise ValueError(f"--labels {max(args.labels)} is out of range: {args.model} has {pipe.num_classes} classes "
+                         f"(0-{pipe.num_classes - 1})")
 
 
 def sample(args: argparse.Namespace) -> None:
     """Generate a labelled PNG grid from a model folder (or a bundled model's name)."""
-    from .images import save_grid
+    from .images import check_output_path, save_grid
     from .pipelines.common import generate, load_pipeline
 
-    pipe = load_pipeline(BUNDLED.get(args.model, args.model), args.device)
+    check_output_path(args.out)
+    pipe = load_pipeline(model_folder(args.model), args.device)
+    check_conditions(args, pipe)
     height, width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
     labels, prompts, rows = None, None, None
     if pipe.num_classes:
-        classes = parse_labels(args.labels) if args.labels else list(range(pipe.num_classes))
+        classes = args.labels or list(range(pipe.num_classes))
         labels, rows = torch.tensor(classes).repeat_interleave(args.n), [str(c) for c in classes]
     elif pipe.text_encoder is not None:
         if not args.prompt:
@@ -93,7 +160,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.model:
         from .pipelines.common import load_pipeline
 
-        pipe = load_pipeline(BUNDLED.get(args.model, args.model), args.device)
+        pipe = load_pipeline(model_folder(args.model), args.device)
         images, labels = ev.sample_classes(pipe, args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
                                            cfg_scale=args.cfg, progress=True)
     elif args.fake:
@@ -112,73 +179,106 @@ def train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     run = train_autoencoder if cfg.model.type.startswith("autoencoder") else train_diffusion
-    model = run(cfg, resume=not args.no_resume)
-    print(f"model written to {model}")
+    model = run(cfg, resume=not args.no_resume, force=args.force)
+    if int(os.environ.get("RANK", 0)) == 0:  # torchrun: one line, not one per process
+        print(f"model written to {model}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def version() -> str:
+    """The installed package's version (the source tree's when it is not installed)."""
+    try:
+        return importlib.metadata.version("diffusekit")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The `diffusekit` argument parser: one subcommand per function above."""
     parser = argparse.ArgumentParser(prog="diffusekit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with its exact denoiser, write a PNG")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    p.add_argument("--schedule", default="scaled_linear", choices=sorted(BETA_SCHEDULES) + ["flow"])
-    p.add_argument("--shift", type=float, default=1.0, help="rectified-flow resolution shift")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--n", type=int, default=4000, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/demo.png")
-    p.set_defaults(func=demo)
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[debug], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("sample", help="generate a PNG grid from a trained model")
+    p = command("demo", demo, "sample a 2-D Gaussian mixture with its exact denoiser, write a PNG")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--schedule", default="scaled_linear", choices=sorted(BETA_SCHEDULES) + ["flow"],
+                   help="noise schedule")
+    p.add_argument("--shift", type=float, default=1.0, help="rectified-flow resolution shift")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--n", type=positive_int, default=4000, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="out/demo.png", help="output PNG")
+
+    p = command("sample", sample, "generate a PNG grid from a trained model")
     p.add_argument("--model", default="mnist", help="model folder, or a bundled model: " + ", ".join(BUNDLED))
-    p.add_argument("--labels", help="class labels, e.g. 0-9 or 1,3,7 (class-conditional models)")
+    p.add_argument("--labels", type=parse_labels, help="class labels, e.g. 0-9 or 1,3,7 (class-conditional models)")
     p.add_argument("--prompt", action="append", help="prompt (text-conditional models; repeat for rows)")
     p.add_argument("--negative", action="append", help="negative prompt (one, or one per prompt row)")
-    p.add_argument("--n", type=int, default=8, help="images per label / prompt (grid columns)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--upsample-guidance", type=float, metavar="W",
-                   help="Upsample Guidance weight w (e.g. 0.2) for sizes s x the training size; -1 is off")
-    p.add_argument("--ug-eta", type=float, default=1.0, help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=2, help="pixel magnification in the grid")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="out/samples.png")
-    p.set_defaults(func=sample)
+    p.add_argument("--n", type=positive_int, default=8, help="images per label / prompt (grid columns)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
+    p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=positive_int, help="image height, if not the model's training height")
+    p.add_argument("--width", type=positive_int, help="image width, if not the model's training width")
+    p.add_argument("--upsample-guidance", type=ug_weight, metavar="W",
+                   help=f"Upsample Guidance weight w in [0, {UG_MAX:g}] (e.g. 0.2) for sizes s x the training size; "
+                        "-1 is off")
+    p.add_argument("--ug-eta", type=unit_float, default=1.0,
+                   help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification in the grid")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", default="out/samples.png", help="output image (.png, .jpg, .jpeg or .webp)")
 
-    p = sub.add_parser("eval", help="Frechet distance, KID, precision/recall, class accuracy of samples")
+    p = command("eval", evaluate, "Frechet distance, KID, precision/recall, class accuracy of samples")
     p.add_argument("--model", help="sample this class-conditional model (folder or bundled name)")
     p.add_argument("--fake", help="folder of generated images")
     p.add_argument("--real", default="mnist", help="'mnist' or a folder of real images")
-    p.add_argument("--resolution", type=int, help="resize images to this size (default: 28)")
-    p.add_argument("--n", type=int, default=100, help="samples per class")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--inception", help="FID Inception weights (.pth) for Inception features instead of MNIST ones")
+    p.add_argument("--resolution", type=positive_int, help="resize images to this size, if not 28")
+    p.add_argument("--n", type=positive_int, default=100, help="samples per class")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
+    p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--inception", help="FID Inception weights (.pth read weights-only, or .safetensors) for "
+                                       "Inception features instead of MNIST ones")
     p.add_argument("--train-classifier", action="store_true", help="train and save the MNIST feature classifier")
-    p.add_argument("--classifier-steps", type=int, default=2000)
-    p.set_defaults(func=evaluate)
+    p.add_argument("--classifier-steps", type=positive_int, default=2000, help="training steps of the classifier")
 
-    p = sub.add_parser("train", help="train a diffusion model (see configs/)")
+    p = command("train", train, "train a diffusion model (see configs/)")
     p.add_argument("config", help="TOML or YAML config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-4")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if the run has checkpoints")
-    p.set_defaults(func=train)
+    p.add_argument("--force", action="store_true", help="resume even with settings that differ from the checkpoint's")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand. User mistakes (the library's ValueError, OSError, FloatingPointError) end in one
+    line on stderr and exit code 1; anything else is a bug and shows its traceback, as all do with --debug."""
+    args = make_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FloatingPointError) as e:
-        sys.exit(f"diffusekit: error: {e}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        if str(e):
+            print(f"diffusekit: {e}", file=sys.stderr)
         sys.exit(130)
+    except (ValueError, OSError, FloatingPointError) as e:
+        if args.debug:
+            raise
+        sys.exit("diffusekit: error: " + (" ".join(str(e).split()) or type(e).__name__))
 
 
 if __name__ == "__main__":

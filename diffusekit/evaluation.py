@@ -2,7 +2,7 @@
 extractor, and class accuracy of class-conditional samples.
 
 Extractors: the project's MNIST classifier (trained here, shipped in diffusekit/assets) and
-Inception-v3 when its FID weights exist locally (pytorch-fid's InceptionV3 with a local .pth).
+Inception-v3 when its FID weights exist locally (pytorch-fid's InceptionV3 with a local .pth, read weights-only).
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoints import from_pretrained, register, save_pretrained
+from .checkpoints import CheckpointError, from_pretrained, read_state_dict, register, save_pretrained
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MNIST_CLASSIFIER = ASSETS / "mnist_classifier"
@@ -185,16 +186,23 @@ def save_mnist_classifier(model: MNISTClassifier, accuracy: float, path: str | P
 
 def inception_features(weights: str | Path, device: str = "cpu") -> Features:
     """FID's Inception-v3 pool features (2048-d) from a local pytorch-fid weights file
-    (pt_inception-2015-12-05-*.pth); needs the pytorch-fid package (and torchvision)."""
+    (pt_inception-2015-12-05-*.pth, read weights-only so that no pickled code runs, or a .safetensors of it);
+    needs the pytorch-fid package (and torchvision), and downloads nothing."""
     weights = Path(weights)
     if not weights.is_file():
         raise ValueError(f"no Inception weights at {weights} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    state = read_state_dict(weights)  # checked before pytorch-fid is even imported
     try:
         from pytorch_fid import inception as fid_inception
     except ImportError as e:
         raise ValueError("Inception features need the pytorch-fid package (and torchvision)") from e
-    fid_inception.FID_WEIGHTS_URL = weights.resolve().as_uri()
-    model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+    # pytorch-fid's builder would fetch (and fully unpickle) its weights by URL: hand it the checked ones
+    with mock.patch.object(fid_inception, "load_state_dict_from_url", return_value=state):
+        try:
+            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
+            raise CheckpointError(f"{weights} does not hold FID Inception-v3 weights: {e}") from e
+    model = model.to(device).eval()
 
     @torch.no_grad()
     def features(x: Tensor) -> Tensor:

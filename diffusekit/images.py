@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
+
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -22,12 +25,42 @@ def to_pil(x: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit ('I;16*', and 'I' up to 65535) and float ('F': [0, 1], or [0, 255] if larger) greyscale images
+    scaled to 8-bit 'L'; other modes unchanged. PIL's convert('L') clips them instead (16-bit grey -> white)."""
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    top = a.max(initial=0)
+    if img.mode == "F":
+        scale = 255.0 if top <= 1 else 1.0
+    elif top <= 65535:
+        scale = 1 / 257  # 65535 -> 255
+    else:
+        raise ValueError(f"32-bit integer image with values up to {top:.0f}: unknown range; save it with 8 or 16 bits")
+    return Image.fromarray(np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8))
+
+
 def from_pil(images: Sequence[Image.Image], channels: int = 3) -> Tensor:
     """PIL images of one size -> [N, C, H, W] in [-1, 1]."""
     mode = "L" if channels == 1 else "RGB"
-    arr = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in images])
+    arr = np.stack([np.asarray(to_8bit(im).convert(mode), dtype=np.uint8) for im in images])
     x = torch.from_numpy(arr).float().div(127.5).sub(1)
     return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Raise ValueError unless `path` names an image file (OUTPUT_SUFFIXES) that can be written, so that a
+    mistyped output is caught before the work that would fill it."""
+    path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {path} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder")
+    folder = next(p for p in path.absolute().parents if p.exists())  # the nearest existing ancestor
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: {folder} is not a writable folder")
+    return path
 
 
 def save_grid(x: Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None,

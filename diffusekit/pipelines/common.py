@@ -8,17 +8,20 @@ for latent models its frozen autoencoder in `autoencoder/`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import from_pretrained, read_config, save_pretrained
+from ..checkpoints import from_pretrained, read_config, staging_dir, write_model
 from ..denoisers import Denoiser, NetworkDenoiser
 from ..guidance import CFG, UpsampleGuidance
-from ..samplers import get_sampler
+from ..parametrization import Prediction
+from ..samplers import Callback, get_sampler
 from ..schedules import Schedule, make_schedule
 
 
@@ -139,7 +142,14 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
              upsample_guidance: float | None = None, ug_eta: float = 1.0, generator: torch.Generator | None = None,
              wrap: Callable[[Denoiser], Denoiser] | None = None, progress: bool = False, **sampler_kw: Any) -> Tensor:
     """Sample n images [n, C, H, W] in [-1, 1]: conditions -> CFG -> Upsample Guidance (weight
-    `upsample_guidance`, for sizes s x the training one) -> (wrap) -> sampler -> decode."""
+    `upsample_guidance`, for sizes s x the training one) -> (wrap) -> sampler -> decode. A state that turns
+    NaN / inf raises FloatingPointError naming the first such step."""
+    if n < 1 or steps < 1:
+        raise ValueError(f"n and steps must be positive, got n={n}, steps={steps}")
+    if not math.isfinite(cfg_scale) or (upsample_guidance is not None and not math.isfinite(upsample_guidance)):
+        raise ValueError(f"guidance weights must be finite, got {cfg_scale=}, {upsample_guidance=}")
+    if not 0 <= ug_eta <= 1:
+        raise ValueError(f"ug_eta must be in [0, 1], got {ug_eta}")
     H, W = height or pipe.resolution[0], width or pipe.resolution[1]
     shape = pipe.latent_shape(H, W)
     cond, uncond = pipe.conditions(n, labels, prompts, negative)
@@ -152,9 +162,29 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
         denoiser = wrap(denoiser)
     ts = pipe.settings.grid(pipe.schedule, steps, spacing)
     x = torch.randn((n, *shape), generator=generator, device=generator.device if generator else "cpu").to(pipe.device)
+    run = partial(get_sampler(sampler), denoiser, x, ts, pipe.schedule, cond, generator=generator, progress=progress)
     with torch.no_grad():
-        z = get_sampler(sampler)(denoiser, x, ts, pipe.schedule, cond, generator=generator, progress=progress, **sampler_kw)
+        z = run_finite(run, f"sampler {sampler}", len(ts) - 1, **sampler_kw)
         return pipe.decode(z).float().clamp(-1, 1)
+
+
+def run_finite(run: Callable[..., Tensor], what: str, steps: int, callback: Callback | None = None,
+               **kw: Any) -> Tensor:
+    """run(callback=..., **kw) for a sampler run of `steps` steps, raising FloatingPointError that names the
+    first step whose state is NaN / inf. The per-step flags stay on the device: one host sync, at the end."""
+    finite: list[Tensor] = []
+
+    def watch(i: int, t: float, x: Tensor, p: Prediction) -> None:
+        finite.append(torch.isfinite(x).all())
+        if callback is not None:
+            callback(i, t, x, p)
+
+    z = run(callback=watch, **kw)
+    if not bool(torch.isfinite(z).all()):
+        bad = torch.stack(finite).logical_not().nonzero().flatten().tolist() if finite else []
+        at = f"step {bad[0] + 1} of {steps}" if bad else f"the end of {steps} steps"
+        raise FloatingPointError(f"sampling produced NaN/inf at {at} ({what})")
+    return z
 
 
 def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -163,9 +193,10 @@ def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = 
     extra = {"diffusion": dataclasses.asdict(pipe.settings), "image": {"resolution": list(pipe.resolution),
              "channels": pipe.channels}, "conditioning": {"num_classes": pipe.num_classes,
                                                           "text_encoder": pipe.text_encoder_name}}
-    save_pretrained(pipe.net, path, dtype=dtype, extra=extra)
-    if pipe.autoencoder is not None:
-        save_pretrained(pipe.autoencoder, path / "autoencoder", dtype=dtype)
+    with staging_dir(path) as tmp:  # one atomic replace, so a network never goes without its autoencoder
+        write_model(pipe.net, tmp, dtype, extra)
+        if pipe.autoencoder is not None:
+            write_model(pipe.autoencoder, tmp / "autoencoder", dtype)
     return path
 
 

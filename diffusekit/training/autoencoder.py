@@ -9,7 +9,6 @@ variance. Shares data order, checkpoints, logging and multi-process handling wit
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..checkpoints import build, save_pretrained
 from ..images import save_grid
 from .config import TrainConfig, to_dict
 from .loop import Batches, Processes, StopRequest, learning_rate, make_dataset, plot_log, step_boundary
-from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import RunFolder, save_checkpoint
 
 
 class PatchDiscriminator(nn.Module):
@@ -73,8 +72,9 @@ def estimate_scaling(ae: nn.Module, dataset, n: int, device: torch.device) -> fl
     return 1.0 / z.float().std().item()
 
 
-def train_autoencoder(cfg: TrainConfig, resume: bool = True) -> Path:
-    """Train a KL or VQ autoencoder as configured; returns the model folder (with its scaling factor)."""
+def train_autoencoder(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
+    """Train a KL or VQ autoencoder as configured; returns the model folder (with its scaling factor).
+    `resume` and `force` as for the diffusion trainer."""
     procs = Processes.init(cfg.train.device)
     device, T, A = procs.device, cfg.train, cfg.autoencoder
     out = Path(T.out_dir)
@@ -84,50 +84,45 @@ def train_autoencoder(cfg: TrainConfig, resume: bool = True) -> Path:
     disc = PatchDiscriminator(ae.config.out_channels, A.disc_channels, A.disc_layers).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=T.lr, betas=(0.5, 0.9), weight_decay=T.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=A.disc_lr, betas=(0.5, 0.9))
-    generator, progress = torch.Generator().manual_seed(T.seed), Progress()
-    modules, optimizers = {"model": ae, "disc": disc}, {"opt": opt, "opt_d": opt_d}
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-    if ckpt is not None:
-        progress = load_checkpoint(ckpt, modules, optimizers, generator)
-    lpips = perceptual_loss(device) if A.perceptual_weight > 0 else None
-    model = nn.parallel.DistributedDataParallel(ae) if procs.world > 1 else ae
-    d_model = nn.parallel.DistributedDataParallel(disc) if procs.world > 1 else disc
-    last = ae.decoder.conv_out.weight
-    config_dict = to_dict(cfg)
-    if procs.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_dict, indent=1))
-    fixed = torch.stack([dataset[i]["image"] for i in range(8)]).to(device)
+    with RunFolder(out, procs.main) as run:
+        generator, config_dict = torch.Generator().manual_seed(T.seed), to_dict(cfg)
+        modules, optimizers = {"model": ae, "disc": disc}, {"opt": opt, "opt_d": opt_d}
+        progress = run.resume(modules, optimizers, generator, config_dict, force=force) if resume else run.fresh()
+        lpips = perceptual_loss(device) if A.perceptual_weight > 0 else None
+        model = nn.parallel.DistributedDataParallel(ae) if procs.world > 1 else ae
+        d_model = nn.parallel.DistributedDataParallel(disc) if procs.world > 1 else disc
+        last = ae.decoder.conv_out.weight
+        run.write_config(config_dict)
+        fixed = torch.stack([dataset[i]["image"] for i in range(8)]).to(device)
 
-    data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
-    t_last, seen = time.perf_counter(), 0
-    with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
-                                          desc="training autoencoder") as bar:
-        while progress.step < T.steps:
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, progress.step)
-            x = procs.shard(next(data)["image"]).to(device)
-            adversarial = progress.step >= A.disc_start
-            log = step_autoencoder(model, d_model, ae, lpips, last, x, cfg, adversarial, opt, opt_d, generator)
-            progress.step += 1
-            seen += len(x) * procs.world
-            bar.update(1)
-            if procs.main and (progress.step % T.log_every == 0 or progress.step == T.steps):
-                log.update(step=progress.step, img_per_s=seen / (time.perf_counter() - t_last))
-                bar.set_postfix(rec=f"{log['loss']:.4f}", img_s=f"{log['img_per_s']:.1f}")
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(log) + "\n")
-                t_last, seen = time.perf_counter(), 0
-            step_boundary(cfg, progress, procs, stop, lambda: reconstruction_grid(ae, fixed, out, progress.step),
-                          lambda: save_checkpoint(out / "checkpoints", progress, modules, optimizers, generator,
-                                                  config_dict, keep=T.keep_last))
-    if procs.main:
-        ae.eval()
-        ae.config.scaling_factor = estimate_scaling(ae, dataset, A.scale_samples, device)
-        save_pretrained(ae, out / "model", extra={"image": {"resolution": [cfg.data.resolution] * 2,
-                                                           "channels": cfg.data.channels}})
-        plot_log(out)
-        print(f"latent scaling factor 1 / std = {ae.config.scaling_factor:.4f}")
+        data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
+        t_last, seen = time.perf_counter(), 0
+        with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
+                                              desc="training autoencoder") as bar:
+            while progress.step < T.steps:
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg, progress.step)
+                x = procs.shard(next(data)["image"]).to(device)
+                adversarial = progress.step >= A.disc_start
+                log = step_autoencoder(model, d_model, ae, lpips, last, x, cfg, adversarial, opt, opt_d, generator)
+                progress.step += 1
+                seen += len(x) * procs.world
+                bar.update(1)
+                if procs.main and (progress.step % T.log_every == 0 or progress.step == T.steps):
+                    log.update(step=progress.step, img_per_s=seen / (time.perf_counter() - t_last))
+                    bar.set_postfix(rec=f"{log['loss']:.4f}", img_s=f"{log['img_per_s']:.1f}")
+                    run.log(log)
+                    t_last, seen = time.perf_counter(), 0
+                step_boundary(cfg, progress, procs, stop, lambda: reconstruction_grid(ae, fixed, out, progress.step),
+                              lambda: save_checkpoint(run.ckpt_dir, progress, modules, optimizers, generator,
+                                                      config_dict, keep=T.keep_last))
+        if procs.main:
+            ae.eval()
+            ae.config.scaling_factor = estimate_scaling(ae, dataset, A.scale_samples, device)
+            save_pretrained(ae, out / "model", extra={"image": {"resolution": [cfg.data.resolution] * 2,
+                                                               "channels": cfg.data.channels}})
+            plot_log(out)
+            print(f"latent scaling factor 1 / std = {ae.config.scaling_factor:.4f}")
     return out / "model"
 
 

@@ -2,21 +2,32 @@
 
     diffusekit train configs/mnist_unet.toml --set train.lr=1e-4 --set train.steps=2000
 
-An unknown key anywhere is an error naming the key and the valid ones.
+Every key, type and value is checked at load (`--set` overrides too): an unknown key, a value of the wrong type
+(from the dataclass annotations) or one outside its range or set of names (CHECKS) is a ValueError naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+from .. import models  # noqa: F401  (registers the model types)
+from ..checkpoints import MODELS, model_config, type_problem
+from ..parametrization import PREDICTION_TYPES
+from ..samplers import SAMPLERS
+from ..schedules import BETA_SCHEDULES
 
 
 @dataclass
@@ -130,21 +141,103 @@ class TrainConfig:
     autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
 
 
+Check = Callable[[Any], "str | None"]  # a value of the right type -> None, or 'must be ..., got ...'
+
+
+def did_you_mean(name: Any, names: Collection[Any]) -> str:
+    """'; did you mean X?' for the name in `names` closest to `name`, or ''."""
+    strings = [n for n in names if isinstance(n, str)]
+    close = difflib.get_close_matches(name, strings, n=1) if isinstance(name, str) else []
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def one_of(names: Collection[Any]) -> Check:
+    """A check for membership in `names` (a registry dict is read when checking)."""
+    return lambda v: None if v in names else f"must be one of {sorted(names)}, got {v!r}{did_you_mean(v, names)}"
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low}, got {v!r}"
+
+
+def within(low: float, high: float) -> Check:
+    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}], got {v!r}"
+
+
+def positive(v: float) -> str | None:
+    return None if 0 < v < math.inf else f"must be finite and > 0, got {v!r}"
+
+
+def finite(v: float) -> str | None:
+    return None if math.isfinite(v) else f"must be finite, got {v!r}"
+
+
+def beta_range(v: list[float] | None) -> str | None:
+    ok = v is None or len(v) == 2 and all(0 <= b <= 1 for b in v)
+    return None if ok else f"must be 2 floats in [0, 1], got {v!r}"
+
+
+def device_name(v: str) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else f"must be auto, cpu, cuda or cuda:N, got {v!r}"
+
+
+DATASETS = ("mnist", "folder", "shapes")  # as made by training.data.make_dataset
+CHECKS: dict[str, Check] = {  # by full key, after the type check against the annotation
+    "model.type": one_of(MODELS),
+    "diffusion.schedule": one_of((*BETA_SCHEDULES, "flow")),
+    "diffusion.timesteps": at_least(1),
+    "diffusion.shift": positive,
+    "diffusion.beta_range": beta_range,
+    "diffusion.prediction": one_of(PREDICTION_TYPES),
+    "diffusion.timestep_scale": positive,
+    "diffusion.spacing": one_of(("", "leading", "trailing", "linspace")),
+    "diffusion.steps_offset": at_least(0),
+    "diffusion.t_sampling": one_of(("uniform", "logit_normal")),
+    "diffusion.logit_std": positive,
+    "diffusion.min_snr_gamma": at_least(0),
+    "diffusion.p_uncond": within(0, 1),
+    "data.dataset": one_of(DATASETS),
+    "data.resolution": at_least(1),
+    "data.pad": at_least(0),
+    "data.channels": one_of((1, 3)),  # grayscale or RGB images
+    "data.size": at_least(1),
+    "data.holdout": at_least(0),
+    "data.num_workers": at_least(0),
+    "text.max_length": at_least(1),
+    **{f"train.{k}": at_least(1) for k in ("steps", "batch_size", "grad_accum", "log_every", "sample_every",
+                                           "ckpt_every", "keep_last")},
+    "train.lr": positive,
+    "train.warmup": at_least(0),
+    "train.lr_schedule": one_of(("constant", "cosine")),
+    "train.weight_decay": at_least(0),
+    "train.grad_clip": at_least(0),
+    "train.ema_decay": within(0, 1),
+    "train.mixed_precision": one_of(("no", "bf16", "fp16")),
+    "train.device": device_name,
+    "sample.sampler": one_of(SAMPLERS),
+    "sample.steps": at_least(1),
+    "sample.cfg_scale": finite,
+    "sample.n": at_least(1),
+}
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys raise naming the key and the valid ones."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    """Build dataclass `cls` from a nested dict, checking each key, its type (the annotation) and CHECKS."""
+    fields, hints = {f.name for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"unknown config key '{where}{unknown[0]}'; valid keys{' in ' + where[:-1] if where else ''}: "
-                         f"{sorted(fields)}")
+                         f"{sorted(fields)}{did_you_mean(unknown[0], fields)}")
     kwargs = {}
     for name, value in data.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else fields[name].default
-        if dataclasses.is_dataclass(default):
+        key, hint = f"{where}{name}", hints[name]
+        if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ValueError(f"config key {where}{name} must be a table")
-            value = from_dict(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple):
+                raise ValueError(f"config key '{key}' must be a table, got {value!r}")
+            value = from_dict(hint, value, f"{key}.")
+        elif problem := type_problem(value, hint) or (CHECKS[key](value) if key in CHECKS else None):
+            raise ValueError(f"config key '{key}' {problem}")
+        elif typing.get_origin(hint) is tuple:
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
@@ -165,8 +258,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     key, value = assignment.split("=", 1)
     *parents, leaf = key.strip().split(".")
     node = data
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: config key '{'.'.join(parents[:i + 1])}' is not a table")
     node[leaf] = _parse_value(value.strip())
 
 
@@ -179,16 +274,21 @@ def read_file(path: str | Path) -> dict[str, Any]:
             import yaml
         except ImportError as e:
             raise ValueError("YAML configs need pyyaml (pip install pyyaml); TOML needs nothing") from e
-        return yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        return data
     return tomllib.loads(path.read_text())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a TOML / YAML file and 'a.b=value' overrides."""
+    """A TrainConfig from a TOML / YAML file and 'a.b=value' overrides, every value checked (see `from_dict`)."""
     data = read_file(path) if path else {}
     for o in overrides:
         apply_override(data, o)
-    return from_dict(TrainConfig, data)
+    cfg = from_dict(TrainConfig, data)
+    model_config(cfg.model.type, cfg.model.config, source="model.config")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

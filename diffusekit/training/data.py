@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..images import from_pil, to_8bit
 from .config import DataSection
 from .state import Progress
 
@@ -35,10 +36,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def to_tensor(img: Image.Image, channels: int) -> Tensor:
-    """PIL image -> [C, H, W] float in [-1, 1]."""
-    img = img.convert("L" if channels == 1 else "RGB")
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div(127.5).sub(1)
-    return x[None] if channels == 1 else x.permute(2, 0, 1)
+    """PIL image (16-bit and float ones scaled to 8 bits) -> [C, H, W] float in [-1, 1]."""
+    return from_pil([img], channels)[0]
 
 
 class MNIST(Dataset):
@@ -92,7 +91,8 @@ class Crop:
 class ImageFolder(Dataset):
     """A folder of images, optionally with `metadata.jsonl` lines {"file_name", "text"|"caption", "label"}
     (the diffusers / Hugging Face ImageFolder layout) or a caption in a .txt beside each image (kohya).
-    Unreadable files are reported (path and reason) and replaced by the next readable one."""
+    Unreadable files (corrupt, truncated, or over PIL's decompression-bomb limit Image.MAX_IMAGE_PIXELS) are
+    reported (path and reason) and replaced by the next readable one."""
 
     def __init__(self, root: str | Path, resolution: int, channels: int = 3, random_crop: bool = False,
                  random_flip: bool = False, seed: int = 0):
@@ -133,17 +133,21 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _load(self, path: Path, rng: random.Random) -> dict[str, Any]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, rather than decode, a bomb
+            with Image.open(path) as img:
+                img.load()
+                img, original, crop = self.crop(to_8bit(img), rng)
+        return {"image": to_tensor(img, self.channels), "original_size": original, "crop_top_left": crop}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         for k in range(len(self.items)):
             path, meta = self.items[(i + k) % len(self.items)]
             try:
-                with Image.open(path) as img:
-                    img.load()
-                    rng = random.Random(hash((self.seed, self.epoch, i)))
-                    img, original, crop = self.crop(img, rng)
-                    sample = {"image": to_tensor(img, self.channels), "original_size": original, "crop_top_left": crop}
+                sample = self._load(path, random.Random(hash((self.seed, self.epoch, i))))
                 return {**sample, **{k_: v for k_, v in meta.items() if k_ in ("label", "caption")}}
-            except (OSError, ValueError, SyntaxError) as e:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
                 if str(path) not in self.bad:
                     self.bad[str(path)] = str(e)
                     warnings.warn(f"skipping unreadable image {path}: {e}")

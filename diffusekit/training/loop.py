@@ -10,7 +10,6 @@ exactly what one uninterrupted process would.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import signal
@@ -34,7 +33,7 @@ from ..pipelines.common import DiffusionSettings, Pipeline, generate, save_pipel
 from ..plots import line_png
 from .config import TrainConfig, to_dict
 from .data import Batches, LatentCache, make_dataset
-from .state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import Progress, RunFolder, latest_checkpoint, read_record, save_checkpoint
 
 
 # ----------------------------------------------------------------------------- processes
@@ -176,8 +175,9 @@ def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1 - decay)
 
 
-def train(cfg: TrainConfig, resume: bool = True) -> Path:
-    """Train a diffusion model as configured; returns the exported model folder (EMA weights)."""
+def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
+    """Train a diffusion model as configured; returns the exported model folder (EMA weights). `resume`
+    continues from the run folder's last checkpoint (`force`: even with settings that differ from it)."""
     procs = Processes.init(cfg.train.device)
     device, T = procs.device, cfg.train
     out = Path(T.out_dir)
@@ -201,100 +201,99 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     opt = torch.optim.AdamW(net.parameters(), lr=T.lr, betas=T.betas, weight_decay=T.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=T.mixed_precision == "fp16")
     generator = torch.Generator().manual_seed(T.seed)
-    progress = Progress()
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-    if ckpt is not None:
-        progress = load_checkpoint(ckpt, {"model": net, "ema": ema}, {"opt": opt}, generator, scaler)
+    with RunFolder(out, procs.main) as run:
+        config_dict = to_dict(cfg)
+        modules = {"model": net, "ema": ema}
+        progress = run.resume(modules, {"opt": opt}, generator, config_dict, scaler, force) if resume else run.fresh()
+
+        if ae is not None and cfg.latent.cache:
+            dataset = LatentCache(dataset, ae, out / "latents.safetensors", device, procs.main)
+        model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
+        if T.compile:
+            model = torch.compile(model)
+        denoiser = NetworkDenoiser(model, pipe.schedule, settings.prediction, settings.timestep_scale)
+        autocast = torch.autocast(device.type, dtype=torch.float16 if T.mixed_precision == "fp16" else torch.bfloat16,
+                                  enabled=T.mixed_precision != "no")
+        run.write_config(config_dict)
+
+        def x0_of(batch: dict[str, Any]) -> Tensor:
+            """The global batch's diffusion-space data x0 (latents for latent models)."""
+            if "mean" in batch:  # cached posterior
+                n = torch.randn(batch["mean"].shape, generator=generator) if cfg.latent.sample_posterior else 0
+                return ae.scale((batch["mean"] + batch["std"] * n).to(device))
+            x = batch["image"].to(device)
+            if ae is None:
+                return x
+            with torch.no_grad():
+                return ae.to_latent(x.to(next(ae.parameters()).dtype), generator if cfg.latent.sample_posterior else None).float()
+
+        exported = None  # the step whose EMA weights model/ holds
+
+        def checkpoint() -> None:
+            nonlocal exported
+            save_checkpoint(run.ckpt_dir, progress, modules, {"opt": opt}, generator, config_dict, scaler, T.keep_last)
+            save_pipeline(pipe, out / "model")
+            exported = progress.step
+
+        data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
+        writer = tensorboard_writer(out) if T.tensorboard and procs.main else None
+        window, t_last, seen = [], time.perf_counter(), 0
+        with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
+                                              desc="training") as bar:
+            while progress.step < T.steps:
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg, progress.step)
+                losses = []
+                for micro in range(T.grad_accum):
+                    batch = next(data)
+                    x0 = x0_of(batch)
+                    cond = conditioner(batch, device)
+                    B = len(x0)
+                    t = pipe.schedule.sample_t(B, generator, cfg.diffusion.t_sampling, cfg.diffusion.logit_mean,
+                                               cfg.diffusion.logit_std)
+                    eps = torch.randn(x0.shape, generator=generator)
+                    if cfg.diffusion.offset_noise:
+                        eps = eps + cfg.diffusion.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator)
+                    if cond and cfg.diffusion.p_uncond:
+                        cond = conditioner.drop(cond, torch.rand(B, generator=generator) < cfg.diffusion.p_uncond)
+                    x0, t, eps = procs.shard(x0), procs.shard(t).to(device), procs.shard(eps.to(device))
+                    cond = {k: procs.shard(v) for k, v in cond.items()}
+                    sync = micro == T.grad_accum - 1 or procs.world == 1
+                    with (model.no_sync() if not sync else torch.enable_grad()), autocast:
+                        loss = denoiser.loss(x0, t, eps, cond, cfg.diffusion.min_snr_gamma or None).mean()
+                    scaler.scale(loss / T.grad_accum).backward()
+                    losses.append(loss.detach())
+                    seen += B
+                scaler.unscale_(opt)
+                grad_norm = nn.utils.clip_grad_norm_(net.parameters(), T.grad_clip if T.grad_clip > 0 else float("inf"))
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                update_ema(ema, net, min(T.ema_decay, (1 + progress.step) / (10 + progress.step)))  # EMA warm-up
+                progress.step += 1
+                bar.update(1)
+                window.append(torch.stack(losses).mean())
+
+                if progress.step % T.log_every == 0 or progress.step == T.steps:
+                    loss_value = torch.stack(window).mean().item()
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(f"loss is {loss_value} at step {progress.step}; last good checkpoint: "
+                                                 f"{latest_checkpoint(run.ckpt_dir)}")
+                    rate = seen / (time.perf_counter() - t_last)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+                    if procs.main:
+                        record = {"step": progress.step, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
+                                  "grad_norm": grad_norm.item(), "img_per_s": rate, "epoch": progress.epoch}
+                        run.log(record)
+                        for key in ("loss", "lr", "grad_norm", "img_per_s") if writer else ():
+                            writer.add_scalar(f"train/{key}", record[key], progress.step)
+                    window, t_last, seen = [], time.perf_counter(), 0
+                step_boundary(cfg, progress, procs, stop, lambda: sample_grid(cfg, pipe, out / "samples" /
+                                                                              f"step_{progress.step:07d}.png"), checkpoint)
         if procs.main:
-            print(f"resuming from {ckpt} (step {progress.step})")
-
-    if ae is not None and cfg.latent.cache:
-        dataset = LatentCache(dataset, ae, out / "latents.safetensors", device, procs.main)
-    model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
-    if T.compile:
-        model = torch.compile(model)
-    denoiser = NetworkDenoiser(model, pipe.schedule, settings.prediction, settings.timestep_scale)
-    autocast = torch.autocast(device.type, dtype=torch.float16 if T.mixed_precision == "fp16" else torch.bfloat16,
-                              enabled=T.mixed_precision != "no")
-    config_dict = to_dict(cfg)
-    if procs.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_dict, indent=1))
-
-    def x0_of(batch: dict[str, Any]) -> Tensor:
-        """The global batch's diffusion-space data x0 (latents for latent models)."""
-        if "mean" in batch:  # cached posterior
-            n = torch.randn(batch["mean"].shape, generator=generator) if cfg.latent.sample_posterior else 0
-            return ae.scale((batch["mean"] + batch["std"] * n).to(device))
-        x = batch["image"].to(device)
-        if ae is None:
-            return x
-        with torch.no_grad():
-            return ae.to_latent(x.to(next(ae.parameters()).dtype), generator if cfg.latent.sample_posterior else None).float()
-
-    def checkpoint() -> None:
-        save_checkpoint(out / "checkpoints", progress, {"model": net, "ema": ema}, {"opt": opt}, generator, config_dict,
-                        scaler, T.keep_last)
-        save_pipeline(pipe, out / "model")
-
-    data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
-    writer = tensorboard_writer(out) if T.tensorboard and procs.main else None
-    window, t_last, seen = [], time.perf_counter(), 0
-    with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
-                                          desc="training") as bar:
-        while progress.step < T.steps:
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, progress.step)
-            losses = []
-            for micro in range(T.grad_accum):
-                batch = next(data)
-                x0 = x0_of(batch)
-                cond = conditioner(batch, device)
-                B = len(x0)
-                t = pipe.schedule.sample_t(B, generator, cfg.diffusion.t_sampling, cfg.diffusion.logit_mean,
-                                           cfg.diffusion.logit_std)
-                eps = torch.randn(x0.shape, generator=generator)
-                if cfg.diffusion.offset_noise:
-                    eps = eps + cfg.diffusion.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator)
-                if cond and cfg.diffusion.p_uncond:
-                    cond = conditioner.drop(cond, torch.rand(B, generator=generator) < cfg.diffusion.p_uncond)
-                x0, t, eps = procs.shard(x0), procs.shard(t).to(device), procs.shard(eps.to(device))
-                cond = {k: procs.shard(v) for k, v in cond.items()}
-                sync = micro == T.grad_accum - 1 or procs.world == 1
-                with (model.no_sync() if not sync else torch.enable_grad()), autocast:
-                    loss = denoiser.loss(x0, t, eps, cond, cfg.diffusion.min_snr_gamma or None).mean()
-                scaler.scale(loss / T.grad_accum).backward()
-                losses.append(loss.detach())
-                seen += B
-            scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), T.grad_clip if T.grad_clip > 0 else float("inf"))
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, net, min(T.ema_decay, (1 + progress.step) / (10 + progress.step)))  # EMA warm-up
-            progress.step += 1
-            bar.update(1)
-            window.append(torch.stack(losses).mean())
-
-            if progress.step % T.log_every == 0 or progress.step == T.steps:
-                loss_value = torch.stack(window).mean().item()
-                if not math.isfinite(loss_value):
-                    last = latest_checkpoint(out / "checkpoints")
-                    raise FloatingPointError(f"loss is {loss_value} at step {progress.step}; last good checkpoint: {last}")
-                rate = seen / (time.perf_counter() - t_last)
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
-                if procs.main:
-                    record = {"step": progress.step, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
-                              "grad_norm": grad_norm.item(), "img_per_s": rate, "epoch": progress.epoch}
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    for key in ("loss", "lr", "grad_norm", "img_per_s") if writer else ():
-                        writer.add_scalar(f"train/{key}", record[key], progress.step)
-                window, t_last, seen = [], time.perf_counter(), 0
-            step_boundary(cfg, progress, procs, stop, lambda: sample_grid(cfg, pipe, out / "samples" /
-                                                                          f"step_{progress.step:07d}.png"), checkpoint)
-    if procs.main:
-        plot_log(out)
+            if exported != progress.step:  # a rerun of a finished run, or one killed before its export
+                save_pipeline(pipe, out / "model")
+            plot_log(out)
     if dist.is_initialized():
         dist.barrier()
     return out / "model"
@@ -334,7 +333,7 @@ def plot_log(out: Path) -> None:
     """loss.png from log.jsonl."""
     log = out / "log.jsonl"
     if log.is_file():
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = [r for line in log.read_text().splitlines() if (r := read_record(line))]
         if len(rows) > 1:
             line_png(out / "loss.png", [r["step"] for r in rows], [("training loss", [r["loss"] for r in rows])],
                      title="loss vs step", log_y=True)
