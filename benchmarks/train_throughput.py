@@ -16,7 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffusekit.checkpoints import build, load_weights
+from diffusekit.checkpoints import load_weights
+from diffusekit.models import build
 from diffusekit.denoisers import NetworkDenoiser
 from diffusekit.interop.diffusers_unet import unet_state_from_diffusers
 from diffusekit.schedules import VPSchedule

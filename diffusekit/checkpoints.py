@@ -1,8 +1,8 @@
 """Checkpoints: a folder of config.json + model.safetensors (save_pretrained / from_pretrained).
 
-Models register under a type name; a model is built on the meta device and its weights are assigned
-straight from the file, so nothing is materialised twice. A checkpoint that does not match its model
-raises `CheckpointError` naming the missing and unexpected keys and the shapes that differ; folders
+A model is built by the type name in its config.json (`diffusekit.models.build`) on the meta device and its
+weights are assigned straight from the file, so nothing is materialised twice. A checkpoint that does not match
+its model raises `CheckpointError` naming the missing and unexpected keys and the shapes that differ; folders
 are written atomically (a temporary folder renamed into place).
 """
 
@@ -13,98 +13,22 @@ import dataclasses
 import json
 import os
 import shutil
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .models import build, model_config
+from .validation import ConfigError, type_problem
+
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-MODELS: dict[str, type[nn.Module]] = {}
-M = TypeVar("M", bound=type[nn.Module])
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit its model."""
-
-
-def register(name: str) -> Callable[[M], M]:
-    """Class decorator: make a model class (with a dataclass `config_class`) loadable by type name."""
-
-    def deco(cls: M) -> M:
-        cls.model_type = name
-        MODELS[name] = cls
-        return cls
-
-    return deco
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON / TOML value fits a type annotation: ints pass for floats but bools never for numbers, lists
-    pass for tuples (of the annotated length and element types)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and Ellipsis not in args:
-            return len(value) == len(args) and all(map(_fits, value, args))
-        return not args or all(_fits(v, args[0]) for v in value)
-    if hint in (int, float) and isinstance(value, bool):
-        return False
-    if hint is float:
-        return isinstance(value, (int, float))
-    return hint is Any or isinstance(value, origin or hint)
-
-
-def _describe(hint: Any) -> str:
-    """A type annotation in words: 'int or None', 'a list of 2 floats', 'a table'."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(map(_describe, args))
-    if origin in (list, tuple):
-        n = f"{len(args)} " if origin is tuple and Ellipsis not in args else ""
-        return f"a list of {n}{_describe(args[0])}s" if args else "a list"
-    if origin is dict:
-        return "a table"
-    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def type_problem(value: Any, hint: Any) -> str | None:
-    """None if a JSON / TOML value fits the type annotation `hint`, else 'must be <type>, got <value>'."""
-    return None if _fits(value, hint) else f"must be {_describe(hint)}, got {type(value).__name__} {value!r}"
-
-
-def model_config(model_type: str, config: Mapping[str, Any] | Any, source: str = "") -> Any:
-    """The config dataclass of a registered model type from a dict (a dataclass passes through), after checking the
-    type name, and the dict's keys and value types against the dataclass; `source` names it in errors."""
-    import diffusekit.models  # noqa: F401  (registers the model classes)
-
-    if model_type not in MODELS:
-        raise CheckpointError(f"unknown model type {model_type!r}; known: {sorted(MODELS)}")
-    if not isinstance(config, Mapping):
-        return config
-    source, cls = source or f"{model_type} config", MODELS[model_type].config_class
-    fields, hints = {f.name for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
-    unknown = set(config) - fields
-    if unknown:
-        raise CheckpointError(f"{source} has unknown keys {sorted(unknown)}; valid: {sorted(fields)}")
-    for key, value in config.items():
-        if problem := type_problem(value, hints[key]):
-            raise CheckpointError(f"{source} key {key!r} {problem}")
-    return cls(**config)
-
-
-def build(model_type: str, config: Mapping[str, Any] | Any, device: str | torch.device = "cpu") -> nn.Module:
-    """Construct a registered model from its config (dataclass or dict, see `model_config`) on `device`."""
-    config = model_config(model_type, config)
-    with torch.device(device):
-        return MODELS[model_type](config)
 
 
 def check_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -234,7 +158,10 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
             raise CheckpointError(f"{file} has no {key!r}")
         if problem := type_problem(meta[key], kind):
             raise CheckpointError(f"{file} key {key!r} {problem}")
-    config = model_config(meta["model_type"], meta["config"], source=f"{file}: {meta['model_type']} config")
+    try:
+        config = model_config(meta["model_type"], meta["config"], source=f"{file}: {meta['model_type']} config")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
     model = build(meta["model_type"], config, device="meta")
     weights = Path(path) / WEIGHTS_NAME
     model = load_weights(model, read_state_dict(weights, device=str(device)), source=str(weights))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.metadata
 import math
 import os
@@ -16,6 +15,7 @@ import torch
 from .evaluation import ASSETS
 from .samplers import SAMPLERS, get_sampler
 from .schedules import BETA_SCHEDULES, make_schedule
+from .validation import did_you_mean
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -96,9 +96,8 @@ def model_folder(name: str) -> Path:
         return BUNDLED[name]
     if Path(name).is_dir():
         return Path(name)
-    close = difflib.get_close_matches(name, BUNDLED, n=1)
     raise ValueError(f"--model {name!r} is neither a model folder nor a bundled model ({', '.join(BUNDLED)})"
-                     + (f"; did you mean {close[0]}?" if close else ""))
+                     f"{did_you_mean(name, BUNDLED)}")
 
 
 def check_conditions(args: argparse.Namespace, pipe) -> None:
@@ -137,7 +136,10 @@ def sample(args: argparse.Namespace) -> None:
               f"--upsample-guidance 0.2 (Upsample Guidance, no training needed)")
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    images = generate(pipe, n, labels=labels, prompts=prompts, negative=args.negative, height=height, width=width,
+    if args.negative and len(args.negative) not in (1, len(rows)):
+        raise ValueError(f"pass one --negative, or one per --prompt ({len(rows)}), got {len(args.negative)}")
+    negative = args.negative and [neg for neg in args.negative for _ in range(n // len(args.negative))]
+    images = generate(pipe, n, labels=labels, prompts=prompts, negative=negative, height=height, width=width,
                       sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, upsample_guidance=args.upsample_guidance,
                       ug_eta=args.ug_eta, generator=g, progress=True)
     path = save_grid(images, args.out, nrow=args.n, row_labels=rows, scale=args.scale)
@@ -174,11 +176,11 @@ def evaluate(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     """Train a diffusion model from a TOML / YAML config (resumes from its last checkpoint)."""
     from .training.autoencoder import train_autoencoder
-    from .training.config import load_config
+    from .training.config import AutoencoderTrainConfig, load_config
     from .training.loop import train as train_diffusion
 
     cfg = load_config(args.config, args.set)
-    run = train_autoencoder if cfg.model.type.startswith("autoencoder") else train_diffusion
+    run = train_autoencoder if isinstance(cfg, AutoencoderTrainConfig) else train_diffusion
     model = run(cfg, resume=not args.no_resume, force=args.force)
     if int(os.environ.get("RANK", 0)) == 0:  # torchrun: one line, not one per process
         print(f"model written to {model}")

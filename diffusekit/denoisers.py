@@ -9,13 +9,14 @@ timesteps and prediction types live in `NetworkDenoiser`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .parametrization import Prediction, check_prediction_type, expand_like, to_prediction, training_target, x0_weight
-from .schedules import Schedule
+from .schedules import Schedule, make_schedule
 
 Cond = Mapping[str, Tensor]
 
@@ -74,3 +75,35 @@ class NetworkDenoiser:
         w0 = x0_weight(self.prediction, a, b).flatten().float()
         return mse * torch.where(w0 > 0, snr.clamp(max=min_snr_gamma) / w0, torch.ones_like(w0))
 
+
+@dataclass
+class DiffusionSettings:
+    """How a network's outputs and times are read (stored in the model folder's config.json)."""
+
+    schedule: str = "linear"
+    timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    shift: float = 1.0
+    prediction: str = "eps"
+    timestep_scale: float = 1.0
+    beta_range: tuple[float, float] | None = None  # None: the named schedule's own
+    spacing: str = ""  # default sampling grid: leading, trailing, linspace ("" = the schedule's default)
+    steps_offset: int = 0
+
+    def __post_init__(self):
+        if self.beta_range is not None:
+            self.beta_range = tuple(self.beta_range)
+
+    def make_schedule(self) -> Schedule:
+        return make_schedule(self.schedule, self.timesteps, self.zero_terminal_snr, self.shift, self.beta_range)
+
+    def denoiser(self, net: nn.Module, schedule: Schedule | None = None) -> "NetworkDenoiser":
+        """`net` read as these settings say (on `schedule`, default: a new one from the settings)."""
+        return NetworkDenoiser(net, schedule or self.make_schedule(), self.prediction, self.timestep_scale)
+
+    def grid(self, schedule: Schedule, steps: int, spacing: str | None = None) -> Tensor:
+        """The sampling grid: `spacing` if given, else this model's default."""
+        spacing = spacing or self.spacing
+        if not spacing:
+            return schedule.timesteps(steps)
+        return schedule.timesteps(steps, spacing, self.steps_offset if spacing == "leading" else 0)

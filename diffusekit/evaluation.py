@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, from_pretrained, read_state_dict, register, save_pretrained
+from .checkpoints import CheckpointError, from_pretrained, read_state_dict, save_pretrained
+from .models.classifier import MNISTClassifier, MNISTClassifierConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MNIST_CLASSIFIER = ASSETS / "mnist_classifier"
@@ -100,43 +101,6 @@ def extract(features: Features, images: Tensor, batch: int = 500) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- MNIST classifier
-
-@dataclass
-class MNISTClassifierConfig:
-    width: int = 32
-    feature_dim: int = 128
-
-
-@register("mnist_classifier")
-class MNISTClassifier(nn.Module):
-    """A small CNN for 28x28 digits in [-1, 1] (other sizes are resized): features() gives the
-    penultimate [B, feature_dim] activations, forward() the 10 logits."""
-
-    config_class = MNISTClassifierConfig
-
-    def __init__(self, config: MNISTClassifierConfig):
-        super().__init__()
-        self.config = config
-        w = config.width
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
-
-        self.body = nn.Sequential(block(1, w), block(w, 2 * w), block(2 * w, 4 * w))  # 28 -> 14 -> 7 -> 3
-        self.proj = nn.Linear(4 * w * 9, config.feature_dim)
-        self.head = nn.Linear(config.feature_dim, 10)
-
-    def features(self, x: Tensor) -> Tensor:
-        if x.shape[1] == 3:
-            x = x.mean(1, keepdim=True)
-        if x.shape[-2:] != (28, 28):
-            x = F.interpolate(x.float(), size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
-        return F.relu(self.proj(self.body(x).flatten(1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
 
 def train_mnist_classifier(steps: int = 3000, batch: int = 128, holdout: int = 1000, seed: int = 0,
                            progress: bool = True) -> tuple[MNISTClassifier, float]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusekit import checkpoints
+from diffusekit import checkpoints, models
 from diffusekit.checkpoints import CheckpointError
 from diffusekit.interop.diffusers_vae import (load_diffusers_vae, load_diffusers_vq, vae_config_from_diffusers,
                                               vae_state_from_diffusers, vq_config_from_diffusers)
@@ -118,7 +118,7 @@ def test_ldm_single_file_matches_diffusers(tmp_path):
     assert converted.keys() == ref_state.keys() and all(torch.equal(converted[k], v) for k, v in ref_state.items())
 
     config = vae_config_from_diffusers(dict(ref.config))
-    ours = checkpoints.build("autoencoder_kl", config, device="meta")
+    ours = models.build("autoencoder_kl", config, device="meta")
     ours = checkpoints.load_weights(ours, vae_state_from_ldm(sd, config)).eval()
     x, z = torch.randn(2, 3, 16, 16, generator=gen(1)), torch.randn(2, 4, 8, 8, generator=gen(2))
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_mismatched_checkpoint_raises(tmp_path):
 
 
 def test_sd_vae_parameter_count():
-    model = checkpoints.build("autoencoder_kl", sd_vae_config(), device="meta")
+    model = models.build("autoencoder_kl", sd_vae_config(), device="meta")
     assert sum(p.numel() for p in model.parameters()) == 83_653_863
     assert model.downsample_factor == 8 and model.config.latent_channels == 4 and model.config.scaling_factor == 0.18215
 

@@ -138,7 +138,7 @@ def test_file_mistakes_are_one_line_errors(tmp_path, capsys, no_sampling):
     for argv, expected in [
         (["sample", "--model", str(tmp_path / "does/not/exist")], "neither a model folder nor a bundled model"),
         (["sample", "--model", str(tmp_path / "some_file.txt")], "neither a model folder nor a bundled model"),
-        (["sample", "--model", "mnsit"], "did you mean mnist?"),
+        (["sample", "--model", "mnsit"], "did you mean 'mnist'?"),
         (["sample", "--model", str(tmp_path / "empty")], "no config.json"),
         (["sample", "--sampler", "bogus"], "invalid choice: 'bogus'"),
         (["eval", "--real", str(tmp_path / "nope"), "--fake", str(tmp_path / "empty")], "does not exist"),

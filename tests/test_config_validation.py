@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from diffusekit.checkpoints import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, build, from_pretrained, save_pretrained
+from diffusekit.checkpoints import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, from_pretrained, save_pretrained
+from diffusekit.models import build
 from diffusekit.training.config import load_config
+from diffusekit.validation import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 TINY = dict(in_channels=1, out_channels=1, channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[],
@@ -35,7 +37,8 @@ BAD = [  # (override, regex the error must match)
     ("diffusion.schedule=cosinee", r"'diffusion.schedule' must be one of .*did you mean 'cosine'"),
     ("diffusion.prediction=epsilon", r"'diffusion.prediction' must be one of"),
     ("diffusion.p_uncond=1.5", r"'diffusion.p_uncond' must be in \[0, 1\]"),
-    ("diffusion.beta_range=[0.1]", r"'diffusion.beta_range' must be 2 floats"),
+    ("diffusion.beta_range=[0.1]", r"'diffusion.beta_range' must be a list of 2 floats"),
+    ("diffusion.beta_range=[0.1, 2.0]", r"'diffusion.beta_range' must be 2 floats in \[0, 1\]"),
     ("diffusion.spacing=middle", r"'diffusion.spacing' must be one of"),
     ("diffusion.timesteps=0", r"'diffusion.timesteps' must be >= 1"),
     ("data.dataset=bogus", r"'data.dataset' must be one of \['folder', 'mnist', 'shapes'\], got 'bogus'"),
@@ -100,7 +103,7 @@ def test_bad_model_config_json(saved, edit, error):
 
 
 def test_build_checks_value_types():
-    with pytest.raises(CheckpointError, match="unet config key 'num_res_blocks' must be int, got float 1.0"):
+    with pytest.raises(ConfigError, match="unet config key 'num_res_blocks' must be int, got float 1.0"):
         build("unet", dict(TINY, num_res_blocks=1.0))
 
 

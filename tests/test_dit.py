@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusekit import checkpoints
+from diffusekit import checkpoints, models
 from diffusekit.checkpoints import CheckpointError
 from diffusekit.interop.diffusers_transformers import (dit_config_from_diffusers, dit_state_from_diffusers,
                                                        load_diffusers_dit)
@@ -35,7 +35,7 @@ def tiny_diffusers_dit(patch_size: int = 2, **kw):
 
 
 def convert(dm) -> DiT:
-    model = checkpoints.build("dit", dit_config_from_diffusers(dm.config), device="meta")
+    model = models.build("dit", dit_config_from_diffusers(dm.config), device="meta")
     return checkpoints.load_weights(model, dit_state_from_diffusers(dm.state_dict())).eval()
 
 
@@ -110,7 +110,7 @@ def test_load_diffusers_folder_and_round_trip(tmp_path):
 def test_mismatched_checkpoints(tmp_path):
     dm = tiny_diffusers_dit()
     state = dm.state_dict()
-    model = checkpoints.build("dit", dit_config_from_diffusers(dm.config), device="meta")
+    model = models.build("dit", dit_config_from_diffusers(dm.config), device="meta")
     extra = {**state, "transformer_blocks.0.norm9.weight": torch.ones(2)}
     with pytest.raises(CheckpointError, match="unexpected keys.*transformer_blocks.0.norm9.weight"):
         checkpoints.load_weights(model, dit_state_from_diffusers(extra))
@@ -141,7 +141,7 @@ def test_compile_fullgraph():
 
 
 def test_published_sizes():
-    model = checkpoints.build("dit", DIT_CONFIGS["DiT-XL/2"](input_size=32, in_channels=4), device="meta")
+    model = models.build("dit", DIT_CONFIGS["DiT-XL/2"](input_size=32, in_channels=4), device="meta")
     assert model.config.num_classes == 1000 and model.config.learned_sigma and model.out_channels == 8
     count = sum(p.numel() for p in model.parameters())
     # DiT's published 675,129,632 also counts its frozen pos_embed table ((32/2)^2 x 1152); ours is computed in forward

@@ -109,7 +109,7 @@ def test_the_batched_path_extrapolates_to_the_early_returns():
 def test_learned_variance_survives_cfg_into_ddpm():
     """CFG keeps the conditional branch's variance interpolation, so a learned-sigma DiT samples with
     ddpm(variance='learned') under guidance."""
-    from diffusekit.checkpoints import build
+    from diffusekit.models import build
     from diffusekit.denoisers import NetworkDenoiser
     from diffusekit.samplers import ddpm
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffusekit.checkpoints import build
+from diffusekit.models import build
 from diffusekit.denoisers import NetworkDenoiser
 from diffusekit.guidance import CFG, UpsampleGuidance
 from diffusekit.samplers import SAMPLERS

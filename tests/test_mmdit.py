@@ -4,7 +4,7 @@ sizes), position cropping, loading, published sizes, bad inputs."""
 import pytest
 import torch
 
-from diffusekit import checkpoints
+from diffusekit import checkpoints, models
 from diffusekit.checkpoints import CheckpointError
 from diffusekit.interop.diffusers_transformers import (load_diffusers_mmdit, mmdit_config_from_diffusers,
                                                        mmdit_state_from_diffusers)
@@ -27,7 +27,7 @@ def tiny_diffusers_sd3(**kw):
 
 
 def convert(dm) -> MMDiT:
-    model = checkpoints.build("mmdit", mmdit_config_from_diffusers(dm.config), device="meta")
+    model = models.build("mmdit", mmdit_config_from_diffusers(dm.config), device="meta")
     return checkpoints.load_weights(model, mmdit_state_from_diffusers(dm.state_dict())).eval()
 
 
@@ -76,7 +76,7 @@ def test_load_diffusers_folder_and_round_trip(tmp_path):
 
 def test_mismatched_checkpoints():
     dm = tiny_diffusers_sd3()
-    model = checkpoints.build("mmdit", mmdit_config_from_diffusers(dm.config), device="meta")
+    model = models.build("mmdit", mmdit_config_from_diffusers(dm.config), device="meta")
     state = dm.state_dict()
     del state["transformer_blocks.0.ff_context.net.2.weight"]
     state["transformer_blocks.0.attn.norm_added_q.weight"] = torch.ones(8)  # a qk-norm weight for a model without
@@ -103,7 +103,7 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("name", ["SD3-medium", "SD3.5-large"])
 def test_published_sizes_match_diffusers(name):
     config = MMDIT_CONFIGS[name]()
-    ours = checkpoints.build("mmdit", config, device="meta")
+    ours = models.build("mmdit", config, device="meta")
     with torch.device("meta"):
         ref = diffusers.SD3Transformer2DModel(
             sample_size=128, num_layers=config.depth, num_attention_heads=config.num_heads,

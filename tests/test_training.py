@@ -27,12 +27,14 @@ TINY = {
     "autoencoder_kl": ["model.config.channels=8", "model.config.groups=4"],
 }
 FAST = ["train.batch_size=8", "train.log_every=1", "train.sample_every=1000", "train.ckpt_every=1000",
-        "train.warmup=1", "sample.steps=2", "sample.n=1", "autoencoder.scale_samples=16"]
+        "train.warmup=1", "sample.steps=2", "sample.n=1"]
+FAST_AUTOENCODER = [*FAST[:5], "autoencoder.scale_samples=16"]
 
 
 def tiny(name: str, out: Path, *extra: str):
     cfg = load_config(CONFIGS / name)
-    return load_config(CONFIGS / name, TINY[cfg.model.type] + FAST + [f"train.out_dir={json.dumps(str(out))}", *extra])
+    fast = FAST_AUTOENCODER if cfg.model.type.startswith("autoencoder") else FAST
+    return load_config(CONFIGS / name, TINY[cfg.model.type] + fast + [f"train.out_dir={json.dumps(str(out))}", *extra])
 
 
 def log(out: Path) -> list[dict]:
@@ -44,7 +46,7 @@ def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def test_presets_load_and_build():
-    from diffusekit.checkpoints import build
+    from diffusekit.models import build
 
     names = sorted(p.name for p in CONFIGS.glob("*.toml"))
     assert {"mnist_unet.toml", "mnist_autoencoder.toml", "mnist_ldm.toml", "shapes_autoencoder.toml",
@@ -153,9 +155,12 @@ def test_checkpoints_keep_the_last_k_and_ignore_partial_ones(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
-def test_two_processes_equal_one(tmp_path):
-    cfg = CONFIGS / "mnist_unet.toml"
-    sets = [f"--set={s}" for s in TINY["unet"] + FAST + ["train.steps=3", "train.ckpt_every=3"]]
+@pytest.mark.parametrize("preset", ["mnist_unet.toml", "mnist_ldm.toml"])
+def test_two_processes_equal_one(tmp_path, preset, autoencoders):
+    """Each process draws its samples' noise and encodes (latent models: posterior samples) only its slice."""
+    cfg = CONFIGS / preset
+    latent = [f"latent.autoencoder={json.dumps(str(autoencoders['mnist']))}", "latent.cache=false"] if "ldm" in preset else []
+    sets = [f"--set={s}" for s in TINY["unet"] + FAST + ["train.steps=3", "train.ckpt_every=3", *latent]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                     "-m", "diffusekit.cli", "train", str(cfg), *sets, f"--set=train.out_dir={json.dumps(str(tmp_path / 'ddp'))}"],
@@ -185,3 +190,47 @@ def test_bf16_autocast_accumulation_offset_noise_and_flow_targets(tmp_path):
     losses = [r["loss"] for r in log(tmp_path)]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert (tmp_path / "samples" / "step_0000030.png").is_file()
+
+
+def test_one_source_of_diffusion_settings():
+    from dataclasses import fields
+
+    from diffusekit.denoisers import DiffusionSettings
+    from diffusekit.training.config import DiffusionSection
+
+    section = load_config(CONFIGS / "mnist_ldm.toml").diffusion
+    assert isinstance(section, DiffusionSettings) and section.settings() == DiffusionSettings(
+        **{f.name: getattr(section, f.name) for f in fields(DiffusionSettings)})
+    base = DiffusionSection()
+    assert all(getattr(base, f.name) == getattr(DiffusionSettings(), f.name) for f in fields(DiffusionSettings))
+
+
+@pytest.mark.parametrize("key", ["train.ema_decay=0.9", "train.grad_accum=2", "train.mixed_precision='bf16'",
+                                 "train.betas=[0.9, 0.99]", "train.compile=true", "sample.steps=2"])
+def test_the_autoencoder_trainer_has_no_keys_it_would_ignore(key):
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(CONFIGS / "mnist_autoencoder.toml", [key])
+
+
+def test_per_sample_randomness_does_not_depend_on_the_split():
+    from diffusekit.schedules import VPSchedule
+    from diffusekit.training.config import DiffusionSection
+
+    d, schedule = DiffusionSection(offset_noise=0.1), VPSchedule.named("linear")
+    whole = loop.draw(0, 5, range(0, 8), (1, 4, 4), schedule, d, posterior=True)
+    halves = [loop.draw(0, 5, r, (1, 4, 4), schedule, d, posterior=True) for r in (range(0, 4), range(4, 8))]
+    assert all(torch.equal(whole[k], torch.cat([h[k] for h in halves])) for k in whole)
+    assert not torch.equal(whole["eps"], loop.draw(0, 6, range(0, 8), (1, 4, 4), schedule, d, True)["eps"])
+    procs = loop.Processes(rank=1, world=2)
+    local = procs.shard({"image": torch.arange(8), "caption": list("abcdefgh")})
+    assert torch.equal(local["image"], torch.arange(4, 8)) and local["caption"] == list("efgh")
+    assert procs.positions(8, offset=16) == range(20, 24)
+
+
+def test_vq_latent_diffusion_trains_with_cached_latents(tmp_path):
+    vq = train_autoencoder(tiny("mnist_autoencoder.toml", tmp_path / "vq", "train.steps=2", "model.type='autoencoder_vq'",
+                                "model.config.embed_dim=4", "model.config.num_embeddings=16"))
+    model = loop.train(tiny("mnist_ldm.toml", tmp_path / "ldm", "train.steps=2", "latent.cache=true",
+                            f"latent.autoencoder={json.dumps(str(vq))}"))
+    cache = load_file(tmp_path / "ldm" / "latents.safetensors")
+    assert cache["std"].abs().max() == 0 and (model / "autoencoder" / "config.json").is_file()

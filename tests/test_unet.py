@@ -9,7 +9,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from diffusekit.checkpoints import CheckpointError, build, from_pretrained, load_weights, save_pretrained
+from diffusekit.checkpoints import CheckpointError, from_pretrained, load_weights, save_pretrained
+from diffusekit.models import build
 from diffusekit.interop.diffusers_unet import load_diffusers_unet, unet_config_from_diffusers, unet_state_from_diffusers
 from diffusekit.interop.ldm_unet import PREFIX, unet_state_from_ldm
 from diffusekit.models.unet import UNet, UNetConfig, sd15_unet_config, sdxl_unet_config

@@ -194,7 +194,7 @@ def test_bad_sizes_and_factors():
 
 def test_runs_on_a_text_and_sdxl_conditioned_unet_with_cfg():
     """Cross-attention tokens, pooled text and micro-conditioning pass to both resolutions unchanged."""
-    from diffusekit.checkpoints import build
+    from diffusekit.models import build
 
     net = build("unet", dict(in_channels=4, out_channels=4, channels=8, channel_mult=(1, 2), attention_levels=(1,),
                              num_heads=2, context_dim=16, norm_groups=4, addition_time_embed_dim=8,

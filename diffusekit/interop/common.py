@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError, build, load_weights, read_state_dict
+from ..checkpoints import CheckpointError, load_weights, read_state_dict
+from ..models import build
 
 Rule = tuple[str, str | Callable[[re.Match], str | None]]
 KEEP: Rule = (r".+", r"\g<0>")  # a last rule that passes unknown keys through, so that load_weights names them

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import register
 from .layers import Downsample, ResBlock, SpatialSelfAttention, Upsample
 
 EPS = 1e-6  # GroupNorm epsilon of the LDM autoencoder
@@ -235,10 +234,10 @@ class LatentAutoencoder(nn.Module):
         return z / self.config.scaling_factor + self.config.shift_factor
 
 
-@register("autoencoder_kl")
 class AutoencoderKL(LatentAutoencoder):
     """KL-regularised autoencoder (LDM, Stable Diffusion): E(x) parametrises a diagonal Gaussian posterior."""
 
+    model_type = "autoencoder_kl"
     config_class = AutoencoderConfig
 
     def __init__(self, config: AutoencoderConfig):
@@ -256,6 +255,11 @@ class AutoencoderKL(LatentAutoencoder):
         """Reconstruction from a posterior sample, and the posterior (for the KL term)."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+    def latent_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) of the posterior of images x, in autoencoder units (`scale` maps a sample to diffusion's)."""
+        posterior = self.encode(x)
+        return posterior.mean, posterior.std
 
     def to_latent(self, x: Tensor, generator: torch.Generator | None = None, tile_size: int | None = None) -> Tensor:
         """Diffusion latent of images: the posterior mean, or a posterior sample drawn with `generator` if given."""
@@ -290,12 +294,12 @@ class VectorQuantizer(nn.Module):
         return self.embedding(indices).permute(0, 3, 1, 2)
 
 
-@register("autoencoder_vq")
 class VQAutoencoder(LatentAutoencoder):
     """VQ-regularised autoencoder (LDM VQ-f4 / f8): E(x) is snapped to the nearest codebook vector.
 
     Diffusion runs on the unquantised encoding (as in LDM); `from_latent` quantises before decoding."""
 
+    model_type = "autoencoder_vq"
     config_class = VQAutoencoderConfig
 
     def __init__(self, config: VQAutoencoderConfig):
@@ -322,6 +326,11 @@ class VQAutoencoder(LatentAutoencoder):
         """(reconstruction, VQ loss, code indices)."""
         z_q, loss, indices = self.quantize(self.encode(x))
         return self.decode(z_q), loss, indices
+
+    def latent_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(encoding, 0): a VQ latent is deterministic; the same interface as the KL posterior's moments."""
+        h = self.encode(x)
+        return h, torch.zeros_like(h)
 
     def to_latent(self, x: Tensor, generator: torch.Generator | None = None, tile_size: int | None = None) -> Tensor:
         """Diffusion latent of images (deterministic; `generator` is accepted for a common signature)."""

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import register
 from .layers import FeedForward, TimestepMLP, attention, timestep_embedding
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
@@ -164,11 +163,11 @@ class DiTConfig:
         check_width(self.hidden_size, self.num_heads)
 
 
-@register("dit")
 class DiT(nn.Module):
     """Diffusion transformer: forward(x, t, class_labels) -> eps (and the variance interpolation v if
     learned_sigma) [B, C (2C), H, W]."""
 
+    model_type = "dit"
     config_class = DiTConfig
 
     def __init__(self, config: DiTConfig):

@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import register
 from .dit import (FREQ_DIM, DiTBlock, FinalLayer, check_input, check_width, init_weights, sincos_2d,
                   unpatchify)
 from .layers import TimestepMLP, attention, timestep_embedding
@@ -68,10 +67,10 @@ class MMDiTConfig:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
 
 
-@register("mmdit")
 class MMDiT(nn.Module):
     """forward(x, t, context, pooled) -> [B, C_out, H, W] (velocity for SD3)."""
 
+    model_type = "mmdit"
     config_class = MMDiTConfig
 
     def __init__(self, config: MMDiTConfig):
@@ -98,6 +97,8 @@ class MMDiT(nn.Module):
     def cond_keys(self) -> tuple[str, ...]:
         """The condition keywords forward takes."""
         return ("context", "pooled")
+
+    null_class = None  # the null condition is the empty prompt
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre h x w crop of the M x M position table -> [1, h*w, D] (SD3)."""

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import register
 from . import layers
 
 PerLevel = int | tuple[int, ...]
@@ -133,11 +132,11 @@ class Stage(nn.Module):
         return x
 
 
-@register("unet")
 class UNet(nn.Module):
     """forward(x, t, context=None, class_labels=None, pooled=None, time_ids=None, concat=None) -> eps (or the
     parametrization it was trained for), [B, out_channels (x2 if learned_sigma), H, W]."""
 
+    model_type = "unet"
     config_class = UNetConfig
 
     def __init__(self, config: UNetConfig):
@@ -194,6 +193,12 @@ class UNet(nn.Module):
         keys = ("context",) if self.uses_context else ()
         keys += ("class_labels",) if self.class_embed is not None else ()
         return keys + (("pooled", "time_ids") if self.add_embed is not None else ())
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the classifier-free-guidance null embedding (None without one)."""
+        c = self.config
+        return c.num_classes if c.num_classes and c.null_class else None
 
     @property
     def uses_context(self) -> bool:

@@ -18,40 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import from_pretrained, read_config, staging_dir, write_model
-from ..denoisers import Denoiser, NetworkDenoiser
+from ..conditioning import Conditioner, TextEncoder
+from ..denoisers import Denoiser, DiffusionSettings, NetworkDenoiser
 from ..guidance import CFG, UpsampleGuidance
 from ..parametrization import Prediction
 from ..samplers import Callback, get_sampler
-from ..schedules import Schedule, make_schedule
-
-
-@dataclass
-class DiffusionSettings:
-    """How a network's outputs and times are read (stored in the model folder's config.json)."""
-
-    schedule: str = "linear"
-    timesteps: int = 1000
-    zero_terminal_snr: bool = False
-    shift: float = 1.0
-    prediction: str = "eps"
-    timestep_scale: float = 1.0
-    beta_range: tuple[float, float] | None = None  # None: the named schedule's own
-    spacing: str = ""  # default sampling grid: leading, trailing, linspace ("" = the schedule's default)
-    steps_offset: int = 0
-
-    def __post_init__(self):
-        if self.beta_range is not None:
-            self.beta_range = tuple(self.beta_range)
-
-    def make_schedule(self) -> Schedule:
-        return make_schedule(self.schedule, self.timesteps, self.zero_terminal_snr, self.shift, self.beta_range)
-
-    def grid(self, schedule: Schedule, steps: int, spacing: str | None = None) -> torch.Tensor:
-        """The sampling grid: `spacing` if given, else this model's default."""
-        spacing = spacing or self.spacing
-        if not spacing:
-            return schedule.timesteps(steps)
-        return schedule.timesteps(steps, spacing, self.steps_offset if spacing == "leading" else 0)
 
 
 @dataclass
@@ -64,11 +35,12 @@ class Pipeline:
     channels: int  # image channels
     num_classes: int | None = None
     autoencoder: nn.Module | None = None
-    text_encoder: Any = None  # conditioning.TextEncoder
+    text_encoder: TextEncoder | None = None
     text_encoder_name: str = ""
 
     def __post_init__(self):
         self.schedule = self.settings.make_schedule()
+        self.conditioner = Conditioner(self.net, self.text_encoder, self.num_classes)
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +52,7 @@ class Pipeline:
         return self.autoencoder.downsample_factor if self.autoencoder is not None else 1
 
     def denoiser(self) -> NetworkDenoiser:
-        return NetworkDenoiser(self.net, self.schedule, self.settings.prediction, self.settings.timestep_scale)
+        return self.settings.denoiser(self.net, self.schedule)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape (C, h, w) of the diffusion state for an image of height x width."""
@@ -97,31 +69,6 @@ class Pipeline:
         if self.autoencoder is None:
             return z
         return self.autoencoder.from_latent(z.to(next(self.autoencoder.parameters()).dtype))
-
-    def conditions(self, n: int, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
-                   negative: Sequence[str] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(cond, uncond) for n samples: class labels against the null class, prompts against the
-        negative prompts or the empty prompt."""
-        cond, uncond = {}, {}
-        if self.num_classes:
-            if labels is None:
-                raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass labels")
-            labels = torch.as_tensor(labels, device=self.device).long()
-            if labels.shape != (n,) or bool(((labels < 0) | (labels >= self.num_classes)).any()):
-                raise ValueError(f"labels must be {n} integers in [0, {self.num_classes}), got {labels.tolist()}")
-            cond["class_labels"], uncond["class_labels"] = labels, torch.full_like(labels, self.num_classes)
-        if self.text_encoder is not None:
-            if prompts is None or len(prompts) != n:
-                raise ValueError(f"this model is text-conditional: pass {n} prompts")
-            negative = list(negative) if negative else [""] * n
-            if len(negative) == 1:
-                negative = negative * n
-            tokens, pooled = self.text_encoder(list(prompts) + negative)
-            for d, sl in ((cond, slice(0, n)), (uncond, slice(n, 2 * n))):
-                d["context"] = tokens[sl]
-                if "pooled" in getattr(self.net, "cond_keys", ()):
-                    d["pooled"] = pooled[sl]
-        return cond, uncond
 
 
 def upsample_factor(pipe: Pipeline, height: int, width: int) -> int:
@@ -152,10 +99,10 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
         raise ValueError(f"ug_eta must be in [0, 1], got {ug_eta}")
     H, W = height or pipe.resolution[0], width or pipe.resolution[1]
     shape = pipe.latent_shape(H, W)
-    cond, uncond = pipe.conditions(n, labels, prompts, negative)
+    cond = pipe.conditioner(n, labels, prompts, size=(H, W), device=pipe.device)
     denoiser: Denoiser = pipe.denoiser()
     if cond and cfg_scale != 1:
-        denoiser = CFG(denoiser, cfg_scale, uncond)
+        denoiser = CFG(denoiser, cfg_scale, pipe.conditioner.null(cond, negative))
     if upsample_guidance is not None:
         denoiser = UpsampleGuidance(denoiser, pipe.schedule, upsample_factor(pipe, H, W), upsample_guidance, ug_eta)
     if wrap is not None:

@@ -9,21 +9,21 @@ variance. Shares data order, checkpoints, logging and multi-process handling wit
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..checkpoints import build, save_pretrained
+from ..checkpoints import save_pretrained
+from ..models import build
 from ..images import save_grid
-from .config import TrainConfig, to_dict
-from .loop import Batches, Processes, StopRequest, learning_rate, make_dataset, plot_log, step_boundary
-from .state import RunFolder, save_checkpoint
+from .config import AutoencoderTrainConfig
+from .data import make_dataset
+from .loop import Processes, Trainer, run
+from .state import RunFolder
 
 
 class PatchDiscriminator(nn.Module):
@@ -72,71 +72,54 @@ def estimate_scaling(ae: nn.Module, dataset, n: int, device: torch.device) -> fl
     return 1.0 / z.float().std().item()
 
 
-def train_autoencoder(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
+def train_autoencoder(cfg: AutoencoderTrainConfig, resume: bool = True, force: bool = False) -> Path:
     """Train a KL or VQ autoencoder as configured; returns the model folder (with its scaling factor).
     `resume` and `force` as for the diffusion trainer."""
     procs = Processes.init(cfg.train.device)
     device, T, A = procs.device, cfg.train, cfg.autoencoder
-    out = Path(T.out_dir)
     dataset = make_dataset(cfg.data, T.seed)
     torch.manual_seed(T.seed)
     ae = build(cfg.model.type, cfg.model.config, device=device)
     disc = PatchDiscriminator(ae.config.out_channels, A.disc_channels, A.disc_layers).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=T.lr, betas=(0.5, 0.9), weight_decay=T.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=A.disc_lr, betas=(0.5, 0.9))
-    with RunFolder(out, procs.main) as run:
-        generator, config_dict = torch.Generator().manual_seed(T.seed), to_dict(cfg)
-        modules, optimizers = {"model": ae, "disc": disc}, {"opt": opt, "opt_d": opt_d}
-        progress = run.resume(modules, optimizers, generator, config_dict, force=force) if resume else run.fresh()
-        lpips = perceptual_loss(device) if A.perceptual_weight > 0 else None
-        model = nn.parallel.DistributedDataParallel(ae) if procs.world > 1 else ae
-        d_model = nn.parallel.DistributedDataParallel(disc) if procs.world > 1 else disc
-        last = ae.decoder.conv_out.weight
-        run.write_config(config_dict)
-        fixed = torch.stack([dataset[i]["image"] for i in range(8)]).to(device)
+    generator = torch.Generator().manual_seed(T.seed)
+    lpips = perceptual_loss(device) if A.perceptual_weight > 0 else None
+    model = nn.parallel.DistributedDataParallel(ae) if procs.world > 1 else ae
+    d_model = nn.parallel.DistributedDataParallel(disc) if procs.world > 1 else disc
+    fixed = torch.stack([dataset[i]["image"] for i in range(8)]).to(device)
 
-        data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
-        t_last, seen = time.perf_counter(), 0
-        with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
-                                              desc="training autoencoder") as bar:
-            while progress.step < T.steps:
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(cfg, progress.step)
-                x = procs.shard(next(data)["image"]).to(device)
-                adversarial = progress.step >= A.disc_start
-                log = step_autoencoder(model, d_model, ae, lpips, last, x, cfg, adversarial, opt, opt_d, generator)
-                progress.step += 1
-                seen += len(x) * procs.world
-                bar.update(1)
-                if procs.main and (progress.step % T.log_every == 0 or progress.step == T.steps):
-                    log.update(step=progress.step, img_per_s=seen / (time.perf_counter() - t_last))
-                    bar.set_postfix(rec=f"{log['loss']:.4f}", img_s=f"{log['img_per_s']:.1f}")
-                    run.log(log)
-                    t_last, seen = time.perf_counter(), 0
-                step_boundary(cfg, progress, procs, stop, lambda: reconstruction_grid(ae, fixed, out, progress.step),
-                              lambda: save_checkpoint(run.ckpt_dir, progress, modules, optimizers, generator,
-                                                      config_dict, keep=T.keep_last))
-        if procs.main:
-            ae.eval()
-            ae.config.scaling_factor = estimate_scaling(ae, dataset, A.scale_samples, device)
-            save_pretrained(ae, out / "model", extra={"image": {"resolution": [cfg.data.resolution] * 2,
-                                                               "channels": cfg.data.channels}})
-            plot_log(out)
-            print(f"latent scaling factor 1 / std = {ae.config.scaling_factor:.4f}")
-    return out / "model"
+    def step(data: Iterator[dict[str, Any]], index: int) -> dict[str, Tensor]:
+        x = procs.shard(next(data))["image"].to(device)
+        return step_autoencoder(model, d_model, ae, lpips, x, cfg, index >= A.disc_start, opt, opt_d, generator)
+
+    def export(path: Path) -> Path:
+        """The model folder, with the latent scaling factor 1 / std measured on the current weights."""
+        ae.eval()
+        ae.config.scaling_factor = estimate_scaling(ae, dataset, A.scale_samples, device)
+        ae.train()
+        return save_pretrained(ae, path, extra={"image": {"resolution": [cfg.data.resolution] * 2,
+                                                          "channels": cfg.data.channels}})
+
+    trainer = Trainer({"model": ae, "disc": disc}, {"opt": opt, "opt_d": opt_d}, step,
+                      lambda path: reconstruction_grid(ae, fixed, path), export, T.batch_size)
+    with RunFolder(T.out_dir, procs.main) as folder:
+        path = run(cfg, procs, folder, dataset, trainer, generator, resume, force, "training autoencoder")
+    if procs.main:
+        print(f"latent scaling factor 1 / std = {ae.config.scaling_factor:.4f}")
+    return path
 
 
 @torch.no_grad()
-def reconstruction_grid(ae: nn.Module, fixed: Tensor, out: Path, step: int) -> Path:
+def reconstruction_grid(ae: nn.Module, fixed: Tensor, path: Path) -> Path:
     """Inputs above their reconstructions, as a PNG."""
     rec = ae.from_latent(ae.to_latent(fixed)).clamp(-1, 1)
-    return save_grid(torch.cat([fixed, rec]), out / "samples" / f"step_{step:07d}.png", nrow=8,
-                     row_labels=["input", "recon"], scale=2)
+    return save_grid(torch.cat([fixed, rec]), path, nrow=8, row_labels=["input", "recon"], scale=2)
 
 
-def step_autoencoder(model: nn.Module, d_model: nn.Module, ae: nn.Module, lpips: nn.Module | None, last: Tensor,
-                     x: Tensor, cfg: TrainConfig, adversarial: bool, opt: torch.optim.Optimizer,
-                     opt_d: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, Any]:
+def step_autoencoder(model: nn.Module, d_model: nn.Module, ae: nn.Module, lpips: nn.Module | None, x: Tensor,
+                     cfg: AutoencoderTrainConfig, adversarial: bool, opt: torch.optim.Optimizer,
+                     opt_d: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, Tensor]:
     """One generator step and (once adversarial) one discriminator step; returns the logged losses."""
     A = cfg.autoencoder
     if cfg.model.type == "autoencoder_kl":
@@ -146,12 +129,12 @@ def step_autoencoder(model: nn.Module, d_model: nn.Module, ae: nn.Module, lpips:
         x_hat, reg, _ = model(x)
     rec = (x - x_hat).abs().mean()
     nll = rec + (A.perceptual_weight * lpips(x_hat, x).mean() if lpips is not None else 0)
-    loss, log = nll + reg, {"loss": rec.item(), "reg": reg.item()}
+    loss, log = nll + reg, {"loss": rec.detach(), "reg": reg.detach()}
     if adversarial:
         g_loss = -d_model(x_hat).mean()
-        weight = adaptive_weight(nll, g_loss, last) * A.disc_weight
+        weight = adaptive_weight(nll, g_loss, ae.decoder.conv_out.weight) * A.disc_weight
         loss = loss + weight * g_loss
-        log.update(g_loss=g_loss.item(), adaptive_weight=weight.item())
+        log.update(g_loss=g_loss.detach(), adaptive_weight=weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(ae.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
@@ -162,5 +145,5 @@ def step_autoencoder(model: nn.Module, d_model: nn.Module, ae: nn.Module, lpips:
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        log["d_loss"] = d_loss.item()
+        log["d_loss"] = d_loss.detach()
     return log

@@ -9,7 +9,6 @@ Every key, type and value is checked at load (`--set` overrides too): an unknown
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import sys
@@ -23,11 +22,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .. import models  # noqa: F401  (registers the model types)
-from ..checkpoints import MODELS, model_config, type_problem
+from ..denoisers import DiffusionSettings
+from ..models import MODELS, model_config
 from ..parametrization import PREDICTION_TYPES
 from ..samplers import SAMPLERS
 from ..schedules import BETA_SCHEDULES
+from ..validation import did_you_mean, type_problem
 
 
 @dataclass
@@ -37,22 +37,19 @@ class ModelSection:
 
 
 @dataclass
-class DiffusionSection:
-    schedule: str = "linear"  # linear, scaled_linear, cosine, flow
-    timesteps: int = 1000
-    zero_terminal_snr: bool = False
-    shift: float = 1.0  # rectified-flow resolution shift
-    beta_range: list[float] | None = None  # another beta range for linear / scaled_linear
-    prediction: str = "eps"  # eps, x0, v, flow
-    timestep_scale: float = 1.0  # network timestep = t * scale (1000 for SD3-style flow)
-    spacing: str = ""  # the model's default sampling grid: leading, trailing, linspace ("" = trailing)
-    steps_offset: int = 0
+class DiffusionSection(DiffusionSettings):
+    """The model's diffusion settings (saved with it), and how training draws times and noise."""
+
     t_sampling: str = "uniform"  # uniform, logit_normal
     logit_mean: float = 0.0
     logit_std: float = 1.0
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's choice
     offset_noise: float = 0.0  # SDXL uses 0.1
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance
+
+    def settings(self) -> DiffusionSettings:
+        """The part stored in the model folder."""
+        return DiffusionSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DiffusionSettings)})
 
 
 @dataclass
@@ -84,17 +81,15 @@ class TextSection:
 
 @dataclass
 class TrainSection:
+    """What every trainer does: steps, batches, learning rate, logs, previews, checkpoints."""
+
     steps: int = 1000
     batch_size: int = 64  # global micro-batch (split across processes)
-    grad_accum: int = 1
     lr: float = 2e-4
     warmup: int = 100
     lr_schedule: str = "constant"  # constant, cosine (after warm-up)
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    mixed_precision: str = "no"  # no, bf16, fp16
     seed: int = 0
     log_every: int = 50
     sample_every: int = 500
@@ -103,6 +98,16 @@ class TrainSection:
     out_dir: str = "runs/default"
     device: str = "auto"
     tensorboard: bool = False
+
+
+@dataclass
+class DiffusionTrainSection(TrainSection):
+    """What only the diffusion trainer does: accumulation, AdamW betas, EMA, mixed precision, compile."""
+
+    grad_accum: int = 1
+    betas: tuple[float, float] = (0.9, 0.999)
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no, bf16, fp16
     compile: bool = False
 
 
@@ -131,24 +136,29 @@ class AutoencoderSection:
 
 @dataclass
 class TrainConfig:
+    """A diffusion model's training run."""
+
     model: ModelSection = field(default_factory=ModelSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     data: DataSection = field(default_factory=DataSection)
     latent: LatentSection = field(default_factory=LatentSection)
     text: TextSection = field(default_factory=TextSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: DiffusionTrainSection = field(default_factory=DiffusionTrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """An autoencoder's training run (model.type autoencoder_kl / autoencoder_vq): its own sections, so
+    that a key it would ignore is an unknown key."""
+
+    model: ModelSection = field(default_factory=lambda: ModelSection("autoencoder_kl"))
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
     autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
 
 
 Check = Callable[[Any], "str | None"]  # a value of the right type -> None, or 'must be ..., got ...'
-
-
-def did_you_mean(name: Any, names: Collection[Any]) -> str:
-    """'; did you mean X?' for the name in `names` closest to `name`, or ''."""
-    strings = [n for n in names if isinstance(n, str)]
-    close = difflib.get_close_matches(name, strings, n=1) if isinstance(name, str) else []
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def one_of(names: Collection[Any]) -> Check:
@@ -281,12 +291,14 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a TOML / YAML file and 'a.b=value' overrides, every value checked (see `from_dict`)."""
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig | AutoencoderTrainConfig:
+    """A TrainConfig (an AutoencoderTrainConfig for model.type autoencoder_*) from a TOML / YAML file and
+    'a.b=value' overrides, every value checked (see `from_dict`)."""
     data = read_file(path) if path else {}
     for o in overrides:
         apply_override(data, o)
-    cfg = from_dict(TrainConfig, data)
+    model_type = data.get("model", {}).get("type", "") if isinstance(data.get("model"), dict) else ""
+    cfg = from_dict(AutoencoderTrainConfig if str(model_type).startswith("autoencoder") else TrainConfig, data)
     model_config(cfg.model.type, cfg.model.config, source="model.config")
     return cfg
 

@@ -250,8 +250,8 @@ class Batches:
 
 
 class LatentCache:
-    """A dataset encoded once by a frozen KL autoencoder: posterior means and stds in memory (and on
-    disk, keyed by the autoencoder and data), with the labels or captions of the images."""
+    """A dataset encoded once by a frozen autoencoder: posterior means and stds (a VQ encoding with std
+    0) in memory and on disk, with the labels or captions of the images."""
 
     def __init__(self, dataset, ae: nn.Module, path: Path, device: torch.device, main: bool):
         if getattr(dataset, "crop", None) is not None and (dataset.crop.random_crop or dataset.crop.random_flip):
@@ -271,9 +271,9 @@ class LatentCache:
         means, stds, labels, captions = [], [], [], []
         for i in tqdm(range(0, len(dataset), 64), desc="encoding latents"):
             batch = collate([dataset[j] for j in range(i, min(i + 64, len(dataset)))])
-            post = ae.encode(batch["image"].to(device, next(ae.parameters()).dtype))
-            means.append(post.mean.float().cpu())
-            stds.append(post.std.float().cpu())
+            mean, std = ae.latent_moments(batch["image"].to(device, next(ae.parameters()).dtype))
+            means.append(mean.float().cpu())
+            stds.append(std.float().cpu())
             labels += batch.get("label", torch.empty(0)).tolist()
             captions += batch.get("caption", [])
         tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}

@@ -1,14 +1,19 @@
-"""The diffusion trainer: `train(cfg)` reads top to bottom (SPEC §1, §4, §5, §6).
+"""The run loop every trainer shares, and the diffusion trainer (SPEC §1, §4, §5, §6).
 
-data -> (frozen autoencoder latents) -> conditions with CFG dropout -> t, eps -> denoiser.loss ->
-AdamW (+ warm-up, clipping, accumulation) -> EMA -> logs, sample grids, atomic checkpoints.
-All training randomness (t, noise, condition dropout, posterior samples, data order) comes from one
-seeded generator over the *global* batch, so a resumed run, or the same run on K processes, computes
-exactly what one uninterrupted process would.
+`run` reads top to bottom: resume from the run folder -> per step: learning rate, the trainer's step,
+logs -> preview grids, atomic checkpoints and the exported model -> loss plot. A `Trainer` is what
+differs: its modules and optimizers, one optimizer step, a preview and an export.
+
+The diffusion step: data -> (frozen autoencoder latents) -> conditions with CFG dropout -> t, eps ->
+denoiser.loss -> AdamW (+ accumulation, clipping) -> EMA. Each sample's randomness (t, noise, condition
+dropout, posterior sample) comes from its own generator seeded by (seed, step, position in the global
+batch), and each process encodes only its slice of the batch, so a resumed run, or the same run on K
+processes, computes what one uninterrupted process would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -16,27 +21,26 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checkpoints import build, from_pretrained
-from ..conditioning import load_text_encoder, micro_conditioning
-from ..denoisers import NetworkDenoiser
+from ..checkpoints import from_pretrained
+from ..models import build
+from ..conditioning import load_text_encoder
 from ..images import save_grid
-from ..pipelines.common import DiffusionSettings, Pipeline, generate, save_pipeline
+from ..pipelines.common import Pipeline, generate, save_pipeline
 from ..plots import line_png
-from .config import TrainConfig, to_dict
+from ..schedules import Schedule
+from .config import AutoencoderTrainConfig, DiffusionSection, TrainConfig, to_dict
 from .data import Batches, LatentCache, make_dataset
-from .state import Progress, RunFolder, latest_checkpoint, read_record, save_checkpoint
+from .state import RunFolder, latest_checkpoint, read_record, save_checkpoint
 
-
-# ----------------------------------------------------------------------------- processes
 
 @dataclass
 class Processes:
@@ -63,58 +67,16 @@ class Processes:
     def main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, x: Tensor) -> Tensor:
-        """This process's slice of a global batch."""
-        n = len(x) // self.world
-        return x[self.rank * n:(self.rank + 1) * n]
+    def positions(self, batch_size: int, offset: int = 0) -> range:
+        """Positions of this process's samples in a global batch (plus `offset`)."""
+        n = batch_size // self.world
+        return range(offset + self.rank * n, offset + (self.rank + 1) * n)
 
+    def shard(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """This process's slice of a global batch (tensors and lists alike)."""
+        sl = self.positions(len(next(iter(batch.values()))))
+        return {k: v[sl.start:sl.stop] for k, v in batch.items()}
 
-# ----------------------------------------------------------------------------- conditions
-
-class Conditioner:
-    """A batch's conditions for the network, the null conditions, and CFG dropout."""
-
-    def __init__(self, net: nn.Module, num_classes: int | None, text_encoder: Any, resolution: tuple[int, int]):
-        self.keys = set(getattr(net, "cond_keys", ()))
-        self.num_classes, self.text_encoder, self.resolution = num_classes, text_encoder, resolution
-        self._empty = None
-
-    def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-        cond: dict[str, Tensor] = {}
-        if "class_labels" in self.keys:
-            cond["class_labels"] = batch["label"].to(device)
-        if "context" in self.keys:
-            cond["context"], pooled = self.text_encoder(batch["caption"])
-            if "pooled" in self.keys:
-                cond["pooled"] = pooled
-        if "time_ids" in self.keys:
-            n = len(batch["image"])
-            orig = batch.get("original_size", torch.tensor(self.resolution).expand(n, 2))
-            crop = batch.get("crop_top_left", torch.zeros(n, 2))
-            cond["time_ids"] = micro_conditioning(orig, crop, self.resolution).to(device)
-        return cond
-
-    def null(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The null condition for each key (null class, empty prompt); micro-conditioning is kept."""
-        null = dict(cond)
-        if "class_labels" in cond:
-            null["class_labels"] = torch.full_like(cond["class_labels"], self.num_classes)
-        if "context" in cond:
-            if self._empty is None:
-                self._empty = self.text_encoder([""])
-            tokens, pooled = self._empty
-            null["context"] = tokens.expand_as(cond["context"])
-            if "pooled" in cond:
-                null["pooled"] = pooled.expand_as(cond["pooled"])
-        return null
-
-    def drop(self, cond: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
-        """Replace the condition of samples where mask is True by the null condition (p_uncond)."""
-        null = self.null(cond)
-        return {k: torch.where(mask.reshape(-1, *[1] * (v.ndim - 1)).to(v.device), null[k], v) for k, v in cond.items()}
-
-
-# ----------------------------------------------------------------------------- the loop
 
 class StopRequest:
     """Turns the first SIGINT / SIGTERM into a request to stop at the next step boundary (so the
@@ -145,29 +107,106 @@ class StopRequest:
         return bool(flag.item())
 
 
-def step_boundary(cfg: TrainConfig, progress: Progress, procs: Processes, stop: StopRequest,
-                  sample: Callable[[], Any], save: Callable[[], Any]) -> None:
-    """After an optimizer step: the periodic sample grid and checkpoint, and a requested stop (after
-    checkpointing, so that the run resumes exactly where it stopped)."""
-    T, step = cfg.train, progress.step
-    if procs.main and (step % T.sample_every == 0 or step == T.steps):
-        sample()
-    stopping = stop.requested()
-    if procs.main and (step % T.ckpt_every == 0 or step == T.steps or stopping):
-        save()
-    if stopping:
-        raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, run again to resume")
+# ----------------------------------------------------------------------------- the shared loop
+
+@dataclass
+class Trainer:
+    """What differs between trainers; `run` does the rest."""
+
+    modules: dict[str, nn.Module]  # checkpointed by name
+    optimizers: dict[str, torch.optim.Optimizer]
+    step: Callable[[Iterator[dict[str, Any]], int], dict[str, Tensor]]  # (data, step) -> logged values, "loss" first
+    preview: Callable[[Path], Any]  # write a PNG of samples or reconstructions
+    export: Callable[[Path], Path]  # write the model folder from the current weights
+    images_per_step: int  # global images per optimizer step (for img/s)
+    scaler: Any = None
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then constant or cosine decay to 0 at the last step."""
+def learning_rate(cfg: TrainConfig | AutoencoderTrainConfig, step: int) -> float:
+    """The factor on each optimizer's base rate: linear warm-up, then constant or cosine decay to 0."""
     t = cfg.train
     if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
+        return (step + 1) / t.warmup
     if t.lr_schedule == "cosine":
-        return t.lr * 0.5 * (1 + math.cos(math.pi * (step - t.warmup) / max(1, t.steps - t.warmup)))
-    return t.lr
+        return 0.5 * (1 + math.cos(math.pi * (step - t.warmup) / max(1, t.steps - t.warmup)))
+    return 1.0
 
+
+def run(cfg: TrainConfig | AutoencoderTrainConfig, procs: Processes, folder: RunFolder, dataset: Any,
+        trainer: Trainer, generator: torch.Generator, resume: bool = True, force: bool = False,
+        desc: str = "training") -> Path:
+    """Train to cfg.train.steps in the (locked) run folder; returns the exported model folder.
+
+    `resume` continues from the folder's newest intact checkpoint (`force`: even with settings that
+    differ from its own). Every checkpoint also exports the model, so model/ always holds the last
+    checkpoint's weights; the first SIGINT / SIGTERM stops at the next step with a checkpoint."""
+    T, out, config = cfg.train, folder.out, to_dict(cfg)
+    for opt in trainer.optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    progress = (folder.resume(trainer.modules, trainer.optimizers, generator, config, trainer.scaler, force)
+                if resume else folder.fresh())
+    folder.write_config(config)
+    data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
+    writer = tensorboard_writer(out) if T.tensorboard and procs.main else None
+    exported, window, t_last = None, [], time.perf_counter()
+
+    def checkpoint() -> None:
+        nonlocal exported
+        save_checkpoint(folder.ckpt_dir, progress, trainer.modules, trainer.optimizers, generator, config,
+                        trainer.scaler, T.keep_last)
+        trainer.export(out / "model")
+        exported = progress.step
+
+    with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
+                                          desc=desc) as bar:
+        while progress.step < T.steps:
+            factor = learning_rate(cfg, progress.step)
+            for opt in trainer.optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+            window.append(trainer.step(data, progress.step))
+            progress.step += 1
+            bar.update(1)
+            step = progress.step
+            if step % T.log_every == 0 or step == T.steps:
+                record = window_means(window)
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {step}; last good checkpoint: "
+                                             f"{latest_checkpoint(folder.ckpt_dir)}")
+                rate = len(window) * trainer.images_per_step / (time.perf_counter() - t_last)
+                record.update(step=step, lr=next(iter(trainer.optimizers.values())).param_groups[0]["lr"],
+                              img_per_s=rate, epoch=progress.epoch)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.1f}")
+                if procs.main:
+                    folder.log(record)
+                    for key in record.keys() - {"step"} if writer else ():
+                        writer.add_scalar(f"train/{key}", record[key], step)
+                window, t_last = [], time.perf_counter()
+            if procs.main and (step % T.sample_every == 0 or step == T.steps):
+                trainer.preview(out / "samples" / f"step_{step:07d}.png")
+            stopping = stop.requested()
+            if procs.main and (step % T.ckpt_every == 0 or step == T.steps or stopping):
+                checkpoint()
+            if stopping:
+                raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved, run again to resume")
+    if procs.main:
+        if exported != progress.step:  # a rerun of a finished run, or one killed before its export
+            trainer.export(out / "model")
+        plot_log(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out / "model"
+
+
+def window_means(window: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Each logged value's mean over the steps since the last log line (one host sync)."""
+    keys = list(window[-1])
+    means = torch.stack([torch.stack([torch.as_tensor(w[k]).float() for w in window if k in w]).mean() for k in keys])
+    return dict(zip(keys, means.tolist()))
+
+
+# ----------------------------------------------------------------------------- the diffusion trainer
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
@@ -175,128 +214,95 @@ def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1 - decay)
 
 
+def draw(seed: int, step: int, positions: range, shape: tuple[int, ...], schedule: Schedule, d: DiffusionSection,
+         posterior: bool) -> dict[str, Tensor]:
+    """The randomness of the samples at `positions` of a step's global batch, each from its own generator
+    seeded by (seed, step, position): time t, noise eps (+ offset noise), the condition-dropout draw u
+    and, if `posterior`, the latent posterior's noise. Independent of how the batch is split."""
+    out: dict[str, list[Tensor]] = {"t": [], "eps": [], "u": [], "posterior": []}
+    for i in positions:
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_003 + i) % 2**63)
+        out["t"].append(schedule.sample_t(1, g, d.t_sampling, d.logit_mean, d.logit_std))
+        eps = torch.randn(shape, generator=g)
+        if d.offset_noise:
+            eps = eps + d.offset_noise * torch.randn(shape[0], 1, 1, generator=g)
+        out["eps"].append(eps)
+        out["u"].append(torch.rand(1, generator=g))
+        if posterior:
+            out["posterior"].append(torch.randn(shape, generator=g))
+    return {k: torch.cat(v) if k in ("t", "u") else torch.stack(v) for k, v in out.items() if v}
+
+
 def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
     """Train a diffusion model as configured; returns the exported model folder (EMA weights). `resume`
     continues from the run folder's last checkpoint (`force`: even with settings that differ from it)."""
     procs = Processes.init(cfg.train.device)
-    device, T = procs.device, cfg.train
-    out = Path(T.out_dir)
+    device, T, D = procs.device, cfg.train, cfg.diffusion
     if T.batch_size % procs.world:
         raise ValueError(f"batch_size {T.batch_size} must be divisible by the {procs.world} processes")
-
     dataset = make_dataset(cfg.data, T.seed)
     resolution = (cfg.data.resolution, cfg.data.resolution)
-    ae = None
-    if cfg.latent.autoencoder:
-        ae = from_pretrained(cfg.latent.autoencoder, device).eval().requires_grad_(False)
+    ae = from_pretrained(cfg.latent.autoencoder, device).eval().requires_grad_(False) if cfg.latent.autoencoder else None
     text_encoder = load_text_encoder(cfg.text.encoder, cfg.text.max_length, device) if cfg.text.encoder else None
 
     torch.manual_seed(T.seed)  # initial weights (and dropout) draw from the global generator
     net = build(cfg.model.type, cfg.model.config, device=device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    num_classes = getattr(dataset, "num_classes", None) if "class_labels" in getattr(net, "cond_keys", ()) else None
-    settings = DiffusionSettings(**{f.name: getattr(cfg.diffusion, f.name) for f in fields(DiffusionSettings)})
-    pipe = Pipeline(ema, settings, resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder)
-    conditioner = Conditioner(net, num_classes, text_encoder, resolution)
+    num_classes = getattr(dataset, "num_classes", None) if "class_labels" in net.cond_keys else None
+    pipe = Pipeline(ema, D.settings(), resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder)
     opt = torch.optim.AdamW(net.parameters(), lr=T.lr, betas=T.betas, weight_decay=T.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=T.mixed_precision == "fp16")
-    generator = torch.Generator().manual_seed(T.seed)
-    with RunFolder(out, procs.main) as run:
-        config_dict = to_dict(cfg)
-        modules = {"model": net, "ema": ema}
-        progress = run.resume(modules, {"opt": opt}, generator, config_dict, scaler, force) if resume else run.fresh()
+    model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
+    if T.compile:
+        model = torch.compile(model)
+    denoiser = D.denoiser(model, pipe.schedule)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if T.mixed_precision == "fp16" else torch.bfloat16,
+                              enabled=T.mixed_precision != "no")
+    keys = pipe.conditioner.keys
 
+    def moments(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Pixels x0 (std None), or the latent posterior's mean and std (autoencoder units)."""
+        if "mean" in batch:  # cached posteriors
+            return batch["mean"].to(device), batch["std"].to(device)
+        x = batch["image"].to(device)
+        if ae is None:
+            return x, None
+        with torch.no_grad():
+            return tuple(v.float() for v in ae.latent_moments(x.to(next(ae.parameters()).dtype)))
+
+    def step(data: Iterator[dict[str, Any]], index: int) -> dict[str, Tensor]:
+        losses = []
+        for micro in range(T.grad_accum):
+            batch = procs.shard(next(data))
+            mean, std = moments(batch)
+            sample_posterior = std is not None and cfg.latent.sample_posterior
+            r = draw(T.seed, index, procs.positions(T.batch_size, micro * T.batch_size), tuple(mean.shape[1:]),
+                     pipe.schedule, D, sample_posterior)
+            x0 = mean if std is None else ae.scale(mean + std * r["posterior"].to(device) if sample_posterior else mean)
+            cond = pipe.conditioner(len(x0), batch.get("label") if "class_labels" in keys else None,
+                                    batch.get("caption") if "context" in keys else None, resolution,
+                                    batch.get("original_size"), batch.get("crop_top_left"), device)
+            if cond and D.p_uncond:
+                cond = pipe.conditioner.drop(cond, r["u"] < D.p_uncond)
+            last = micro == T.grad_accum - 1 or procs.world == 1
+            with (contextlib.nullcontext() if last else model.no_sync()), autocast:
+                loss = denoiser.loss(x0, r["t"].to(device), r["eps"].to(device), cond, D.min_snr_gamma or None).mean()
+            scaler.scale(loss / T.grad_accum).backward()
+            losses.append(loss.detach())
+        scaler.unscale_(opt)
+        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), T.grad_clip if T.grad_clip > 0 else float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, net, min(T.ema_decay, (1 + index) / (10 + index)))  # EMA warm-up
+        return {"loss": torch.stack(losses).mean(), "grad_norm": grad_norm}
+
+    trainer = Trainer({"model": net, "ema": ema}, {"opt": opt}, step, lambda path: sample_grid(cfg, pipe, path),
+                      lambda path: save_pipeline(pipe, path), T.batch_size * T.grad_accum, scaler)
+    with RunFolder(T.out_dir, procs.main) as folder:
         if ae is not None and cfg.latent.cache:
-            dataset = LatentCache(dataset, ae, out / "latents.safetensors", device, procs.main)
-        model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
-        if T.compile:
-            model = torch.compile(model)
-        denoiser = NetworkDenoiser(model, pipe.schedule, settings.prediction, settings.timestep_scale)
-        autocast = torch.autocast(device.type, dtype=torch.float16 if T.mixed_precision == "fp16" else torch.bfloat16,
-                                  enabled=T.mixed_precision != "no")
-        run.write_config(config_dict)
-
-        def x0_of(batch: dict[str, Any]) -> Tensor:
-            """The global batch's diffusion-space data x0 (latents for latent models)."""
-            if "mean" in batch:  # cached posterior
-                n = torch.randn(batch["mean"].shape, generator=generator) if cfg.latent.sample_posterior else 0
-                return ae.scale((batch["mean"] + batch["std"] * n).to(device))
-            x = batch["image"].to(device)
-            if ae is None:
-                return x
-            with torch.no_grad():
-                return ae.to_latent(x.to(next(ae.parameters()).dtype), generator if cfg.latent.sample_posterior else None).float()
-
-        exported = None  # the step whose EMA weights model/ holds
-
-        def checkpoint() -> None:
-            nonlocal exported
-            save_checkpoint(run.ckpt_dir, progress, modules, {"opt": opt}, generator, config_dict, scaler, T.keep_last)
-            save_pipeline(pipe, out / "model")
-            exported = progress.step
-
-        data = iter(Batches(dataset, T.batch_size, T.seed, cfg.data.num_workers, progress))
-        writer = tensorboard_writer(out) if T.tensorboard and procs.main else None
-        window, t_last, seen = [], time.perf_counter(), 0
-        with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
-                                              desc="training") as bar:
-            while progress.step < T.steps:
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(cfg, progress.step)
-                losses = []
-                for micro in range(T.grad_accum):
-                    batch = next(data)
-                    x0 = x0_of(batch)
-                    cond = conditioner(batch, device)
-                    B = len(x0)
-                    t = pipe.schedule.sample_t(B, generator, cfg.diffusion.t_sampling, cfg.diffusion.logit_mean,
-                                               cfg.diffusion.logit_std)
-                    eps = torch.randn(x0.shape, generator=generator)
-                    if cfg.diffusion.offset_noise:
-                        eps = eps + cfg.diffusion.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator)
-                    if cond and cfg.diffusion.p_uncond:
-                        cond = conditioner.drop(cond, torch.rand(B, generator=generator) < cfg.diffusion.p_uncond)
-                    x0, t, eps = procs.shard(x0), procs.shard(t).to(device), procs.shard(eps.to(device))
-                    cond = {k: procs.shard(v) for k, v in cond.items()}
-                    sync = micro == T.grad_accum - 1 or procs.world == 1
-                    with (model.no_sync() if not sync else torch.enable_grad()), autocast:
-                        loss = denoiser.loss(x0, t, eps, cond, cfg.diffusion.min_snr_gamma or None).mean()
-                    scaler.scale(loss / T.grad_accum).backward()
-                    losses.append(loss.detach())
-                    seen += B
-                scaler.unscale_(opt)
-                grad_norm = nn.utils.clip_grad_norm_(net.parameters(), T.grad_clip if T.grad_clip > 0 else float("inf"))
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                update_ema(ema, net, min(T.ema_decay, (1 + progress.step) / (10 + progress.step)))  # EMA warm-up
-                progress.step += 1
-                bar.update(1)
-                window.append(torch.stack(losses).mean())
-
-                if progress.step % T.log_every == 0 or progress.step == T.steps:
-                    loss_value = torch.stack(window).mean().item()
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError(f"loss is {loss_value} at step {progress.step}; last good checkpoint: "
-                                                 f"{latest_checkpoint(run.ckpt_dir)}")
-                    rate = seen / (time.perf_counter() - t_last)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
-                    if procs.main:
-                        record = {"step": progress.step, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
-                                  "grad_norm": grad_norm.item(), "img_per_s": rate, "epoch": progress.epoch}
-                        run.log(record)
-                        for key in ("loss", "lr", "grad_norm", "img_per_s") if writer else ():
-                            writer.add_scalar(f"train/{key}", record[key], progress.step)
-                    window, t_last, seen = [], time.perf_counter(), 0
-                step_boundary(cfg, progress, procs, stop, lambda: sample_grid(cfg, pipe, out / "samples" /
-                                                                              f"step_{progress.step:07d}.png"), checkpoint)
-        if procs.main:
-            if exported != progress.step:  # a rerun of a finished run, or one killed before its export
-                save_pipeline(pipe, out / "model")
-            plot_log(out)
-    if dist.is_initialized():
-        dist.barrier()
-    return out / "model"
+            dataset = LatentCache(dataset, ae, folder.out / "latents.safetensors", device, procs.main)
+        return run(cfg, procs, folder, dataset, trainer, torch.Generator().manual_seed(T.seed), resume, force)
 
 
 def tensorboard_writer(out: Path):
@@ -309,8 +315,9 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(out / "tensorboard")
 
 
-def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path) -> Path:
-    """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional."""
+def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path) -> Path | None:
+    """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional. A
+    grid that comes out NaN is a warning (the loss, checked at every log line, decides whether to stop)."""
     S = cfg.sample
     g = torch.Generator().manual_seed(cfg.train.seed)
     labels, prompts, rows = None, None, None
@@ -322,10 +329,12 @@ def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path) -> Path:
         prompts = [p for p in base for _ in range(S.n)]
         rows = base
     n = len(labels) if labels is not None else len(prompts) if prompts else S.n * 4
-    was_training = pipe.net.training
-    images = generate(pipe, n, labels=labels, prompts=prompts, sampler=S.sampler, steps=S.steps,
-                      cfg_scale=S.cfg_scale, generator=g)
-    pipe.net.train(was_training)
+    try:
+        images = generate(pipe, n, labels=labels, prompts=prompts, sampler=S.sampler, steps=S.steps,
+                          cfg_scale=S.cfg_scale, generator=g)
+    except FloatingPointError as e:
+        warnings.warn(f"preview {path.name} skipped: {e}")
+        return None
     return save_grid(images, path, nrow=S.n, row_labels=rows, scale=2)
 
 
