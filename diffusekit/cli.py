@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import inspect
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Collection
 
 import torch
+from torch import Tensor
 
 from .evaluation import ASSETS
 from .samplers import SAMPLERS, get_sampler
-from .schedules import BETA_SCHEDULES, make_schedule
-from .validation import did_you_mean
+from .schedules import BETA_SCHEDULES, SIGMA_GRIDS, make_schedule
+from .validation import did_you_mean, type_problem
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -44,6 +47,13 @@ def demo(args: argparse.Namespace) -> None:
 
 BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14"}  # 28x28 and 14x14 class-conditional
 UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)
+SPACINGS = ("leading", "trailing", "linspace", *SIGMA_GRIDS)  # diffusers' timestep spacings, then noise-level grids
+VARIANCES = ("small", "large", "learned")  # DDPM's posterior variances
+SAVED: dict[str, Any] = {  # the `sample` options each PNG records and --from-png restores, with their types
+    "model": str, "labels": list[int] | None, "prompt": list[str] | None, "negative": list[str] | None, "n": int,
+    "seed": int, "sampler": str, "steps": int, "cfg": float, "spacing": str | None, "eta": float | None,
+    "variance": str | None, "upsample_guidance": float | None, "ug_eta": float, "height": int, "width": int,
+    "scale": int}
 
 
 def positive_int(text: str) -> int:
@@ -90,14 +100,50 @@ def parse_labels(text: str) -> list[int]:
     return out
 
 
+def one_of(what: str, names: Collection[str]) -> Callable[[str], str]:
+    """argparse type: a name in `names`; others are refused naming the closest one, or all."""
+    def check(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}"
+                                             f"{did_you_mean(text, names) or '; valid: ' + ', '.join(names)}")
+        return text
+
+    return check
+
+
+class Rows(argparse.Action):
+    """action='append' whose values replace a list default (restored by --from-png) instead of extending it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        rows = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (rows if rows is not self.default else []) + [values])
+
+
+def samplers_taking(option: str) -> list[str]:
+    """The samplers that take the keyword `option` (eta, variance)."""
+    return [name for name, f in SAMPLERS.items() if option in inspect.signature(f).parameters]
+
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--eta / --variance as sampler keywords, refused for samplers that do not take them."""
+    kw = {k: v for k in ("eta", "variance") if (v := getattr(args, k)) is not None}
+    for k in kw:
+        if args.sampler not in (names := samplers_taking(k)):
+            raise ValueError(f"--{k} is an option of sampler {' and '.join(names)}, not of {args.sampler}")
+    return kw
+
+
 def model_folder(name: str) -> Path:
-    """The folder of a bundled model's name, or `name` itself if it is a folder."""
+    """The folder of a bundled model's name, or `name` itself if it is a folder (ours or a diffusers pipeline's)
+    or a Stable Diffusion single file (.safetensors / .ckpt)."""
     if name in BUNDLED:
         return BUNDLED[name]
-    if Path(name).is_dir():
-        return Path(name)
-    raise ValueError(f"--model {name!r} is neither a model folder nor a bundled model ({', '.join(BUNDLED)})"
-                     f"{did_you_mean(name, BUNDLED)}")
+    path = Path(name)
+    if path.is_dir() or (path.is_file() and path.suffix in (".safetensors", ".ckpt")):
+        return path
+    raise ValueError(f"--model {name!r} is neither a model folder, a Stable Diffusion .safetensors / .ckpt file "
+                     f"nor a bundled model ({', '.join(BUNDLED)}){did_you_mean(name, BUNDLED)}")
 
 
 def check_conditions(args: argparse.Namespace, pipe) -> None:
@@ -113,37 +159,105 @@ def check_conditions(args: argparse.Namespace, pipe) -> None:
                          f"(0-{pipe.num_classes - 1})")
 
 
+def batch(args: argparse.Namespace, pipe) -> tuple[dict[str, Any], list[str] | None, list[dict[str, Any]]]:
+    """generate's conditions for --n images per label / prompt (all labels if none given), the grid's row labels,
+    and each image's own condition."""
+    if pipe.num_classes:
+        args.labels = args.labels or list(range(pipe.num_classes))
+        own = [{"label": c} for c in args.labels for _ in range(args.n)]
+        return {"labels": torch.tensor([o["label"] for o in own])}, [str(c) for c in args.labels], own
+    if pipe.text_encoder is None:
+        return {}, None, [{}] * args.n
+    if not args.prompt:
+        raise ValueError("this model is text-conditional: pass --prompt (several allowed)")
+    negative = args.negative or [None]
+    if len(negative) not in (1, len(args.prompt)):
+        raise ValueError(f"pass one --negative, or one per --prompt ({len(args.prompt)}), got {len(negative)}")
+    own = [{"prompt": p, "negative": q} for p, q in zip(args.prompt, negative * (len(args.prompt) // len(negative)))
+           for _ in range(args.n)]
+    return ({"prompts": [o["prompt"] for o in own], "negative": args.negative and [o["negative"] for o in own]},
+            args.prompt, own)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse an --out that cannot be written, or that exists (or its image folder does) without --overwrite,
+    or else an --outdir that cannot be written in."""
+    from .images import check_output_path, check_writable
+
+    if not args.out:
+        check_writable(args.outdir)
+        return
+    path = check_output_path(args.out)
+    taken = [p for p in (path, path.with_suffix("")) if p.exists()]
+    if taken and not args.overwrite:
+        raise ValueError(f"{taken[0]} exists: pass --overwrite to replace it, or leave out --out for the next "
+                         f"numbered file in {args.outdir}/")
+
+
+def write_outputs(images: Tensor, args: argparse.Namespace, rows: list[str] | None, own: list[dict[str, Any]],
+                  parameters: dict[str, Any]) -> Path:
+    """The grid at --out (or the next numbered file in --outdir) and each image, 000.png, 001.png, ..., in the
+    folder named after it; each PNG records `parameters`, a single image also its index and own condition."""
+    from .images import next_numbered, save_grid, save_image
+
+    grid = Path(args.out) if args.out else next_numbered(args.outdir, str(args.seed))
+    folder = grid.with_suffix("")
+    for old in folder.glob("*.png"):  # (--overwrite: no image of the run replaced stays behind)
+        if old.stem.isdecimal():
+            old.unlink()
+    for k, (x, mine) in enumerate(zip(images, own)):
+        save_image(x, folder / f"{k:03d}.png", {**parameters, "image": {"index": k, **mine}})
+    return save_grid(images, grid, nrow=args.n, row_labels=rows, scale=args.scale, parameters=parameters)
+
+
+def saved_arguments(path: str) -> dict[str, Any]:
+    """The `sample` options recorded in a PNG that `sample` wrote, its model as an absolute path unless bundled."""
+    from .images import read_parameters
+
+    saved = read_parameters(path)
+    if "model" not in saved:
+        raise ValueError(f"{path}: its parameters are not those of diffusekit sample (no model)")
+    args = {k: v for k, v in saved.items() if k in SAVED}
+    for key, value in args.items():
+        if problem := type_problem(value, SAVED[key]):
+            raise ValueError(f"{path}: parameter {key} {problem}")
+    if args["model"] not in BUNDLED and isinstance(saved.get("model_path"), str):
+        args["model"] = saved["model_path"]
+    if saved.get("diffusekit") != version():
+        print(f"note: {path} was written by diffusekit {saved.get('diffusekit')}, this is {version()}")
+    if isinstance(saved.get("image"), dict):
+        print(f"{path} is image {saved['image'].get('index')} of its run: rerunning the run, whose images are "
+              f"numbered as before")
+    return args
+
+
 def sample(args: argparse.Namespace) -> None:
-    """Generate a labelled PNG grid from a model folder (or a bundled model's name)."""
-    from .images import check_output_path, save_grid
+    """Generate a labelled grid and its single images from a model folder (or a bundled model's name), each PNG
+    recording in a text chunk the parameters that reproduce it (--from-png). Without --out they are written
+    to OUTDIR/NNNNN-SEED.png (the next free number NNNNN) and OUTDIR/NNNNN-SEED/000.png, 001.png, ...; with
+    --out to OUT and to the folder OUT without its suffix, refused if either exists unless --overwrite."""
     from .pipelines.common import generate, load_pipeline
 
-    check_output_path(args.out)
-    pipe = load_pipeline(model_folder(args.model), args.device)
+    check_out(args)
+    sampler_kw = sampler_options(args)
+    folder = model_folder(args.model)
+    pipe = load_pipeline(folder, args.device)
     check_conditions(args, pipe)
-    height, width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
-    labels, prompts, rows = None, None, None
-    if pipe.num_classes:
-        classes = args.labels or list(range(pipe.num_classes))
-        labels, rows = torch.tensor(classes).repeat_interleave(args.n), [str(c) for c in classes]
-    elif pipe.text_encoder is not None:
-        if not args.prompt:
-            raise ValueError("this model is text-conditional: pass --prompt (several allowed)")
-        prompts, rows = [p for p in args.prompt for _ in range(args.n)], args.prompt
-    n = len(labels) if labels is not None else len(prompts) if prompts else args.n
-    if args.upsample_guidance is None and (height > pipe.resolution[0] or width > pipe.resolution[1]):
+    args.height, args.width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
+    conditions, rows, own = batch(args, pipe)
+    if args.upsample_guidance is None and (args.height > pipe.resolution[0] or args.width > pipe.resolution[1]):
         print(f"hint: the model was trained at {pipe.resolution[0]}x{pipe.resolution[1]}; for larger images try "
               f"--upsample-guidance 0.2 (Upsample Guidance, no training needed)")
-    g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    if args.negative and len(args.negative) not in (1, len(rows)):
-        raise ValueError(f"pass one --negative, or one per --prompt ({len(rows)}), got {len(args.negative)}")
-    negative = args.negative and [neg for neg in args.negative for _ in range(n // len(args.negative))]
-    images = generate(pipe, n, labels=labels, prompts=prompts, negative=negative, height=height, width=width,
-                      sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, upsample_guidance=args.upsample_guidance,
-                      ug_eta=args.ug_eta, generator=g, progress=True)
-    path = save_grid(images, args.out, nrow=args.n, row_labels=rows, scale=args.scale)
-    print(f"{n} images of {height}x{width} in {time.perf_counter() - t0:.1f} s -> {path}")
+    images = generate(pipe, len(own), **conditions, height=args.height, width=args.width, sampler=args.sampler,
+                      steps=args.steps, cfg_scale=args.cfg, spacing=args.spacing,
+                      upsample_guidance=args.upsample_guidance, ug_eta=args.ug_eta,
+                      generator=torch.Generator().manual_seed(args.seed), progress=True, **sampler_kw)
+    parameters = {**{k: getattr(args, k) for k in SAVED}, "model_path": str(Path(folder).resolve()),
+                  "device": args.device, "diffusekit": version()}
+    path = write_outputs(images, args, rows, own, parameters)
+    print(f"{len(own)} images of {args.height}x{args.width} in {time.perf_counter() - t0:.1f} s -> {path} "
+          f"and {path.with_suffix('')}{os.sep}")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -196,8 +310,9 @@ def version() -> str:
         return __version__
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The `diffusekit` argument parser: one subcommand per function above."""
+def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The `diffusekit` argument parser: one subcommand per function above; `saved` options (--from-png) are
+    the defaults of `sample`."""
     parser = argparse.ArgumentParser(prog="diffusekit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
@@ -206,12 +321,14 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, parents=[debug], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help, description=func.__doc__, parents=[debug],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(func=func)
         return p
 
+    sampler_help = f"sampler: {', '.join(SAMPLERS)}"
     p = command("demo", demo, "sample a 2-D Gaussian mixture with its exact denoiser, write a PNG")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--sampler", default="dpmpp_2m", type=one_of("sampler", SAMPLERS), help=sampler_help)
     p.add_argument("--schedule", default="scaled_linear", choices=sorted(BETA_SCHEDULES) + ["flow"],
                    help="noise schedule")
     p.add_argument("--shift", type=float, default=1.0, help="rectified-flow resolution shift")
@@ -220,14 +337,25 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="out/demo.png", help="output PNG")
 
-    p = command("sample", sample, "generate a PNG grid from a trained model")
+    p = command("sample", sample, "generate a PNG grid and its images from a trained model")
+    p.add_argument("--from-png", metavar="PNG", help="rerun the run that wrote this PNG (its grid or one of its "
+                                                     "images) with the parameters stored in it; options given "
+                                                     "as well override them")
     p.add_argument("--model", default="mnist", help="model folder, or a bundled model: " + ", ".join(BUNDLED))
     p.add_argument("--labels", type=parse_labels, help="class labels, e.g. 0-9 or 1,3,7 (class-conditional models)")
-    p.add_argument("--prompt", action="append", help="prompt (text-conditional models; repeat for rows)")
-    p.add_argument("--negative", action="append", help="negative prompt (one, or one per prompt row)")
+    p.add_argument("--prompt", action=Rows, help="prompt (text-conditional models; repeat for rows)")
+    p.add_argument("--negative", action=Rows, help="negative prompt (one, or one per prompt row)")
     p.add_argument("--n", type=positive_int, default=8, help="images per label / prompt (grid columns)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--sampler", default="ddim", type=one_of("sampler", SAMPLERS), help=sampler_help)
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
+    p.add_argument("--spacing", type=one_of("spacing", SPACINGS),
+                   help=f"timestep spacing: {', '.join(SPACINGS)}; if not given, the model's default")
+    p.add_argument("--eta", type=unit_float,
+                   help=f"DDIM eta for sampler {' and '.join(samplers_taking('eta'))}: 0 is deterministic, 1 adds "
+                        "DDPM's noise; if not given, the sampler's 0")
+    p.add_argument("--variance", type=one_of("variance", VARIANCES),
+                   help=f"DDPM variance for sampler {' and '.join(samplers_taking('variance'))}: "
+                        f"{', '.join(VARIANCES)}; if not given, the sampler's small")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--height", type=positive_int, help="image height, if not the model's training height")
     p.add_argument("--width", type=positive_int, help="image width, if not the model's training width")
@@ -239,7 +367,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification in the grid")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--out", default="out/samples.png", help="output image (.png, .jpg, .jpeg or .webp)")
+    p.add_argument("--out", help="grid image (.png, .jpg, .jpeg or .webp), its images in the folder OUT without "
+                                 "suffix; refused if either exists, unless --overwrite")
+    p.add_argument("--outdir", default="out", help="without --out: the grid is OUTDIR/NNNNN-SEED.png, the next free "
+                                                   "number, and its images OUTDIR/NNNNN-SEED/000.png, 001.png, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its images")
+    p.set_defaults(**(saved or {}))
 
     p = command("eval", evaluate, "Frechet distance, KID, precision/recall, class accuracy of samples")
     p.add_argument("--model", help="sample this class-conditional model (folder or bundled name)")
@@ -247,7 +380,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", default="mnist", help="'mnist' or a folder of real images")
     p.add_argument("--resolution", type=positive_int, help="resize images to this size, if not 28")
     p.add_argument("--n", type=positive_int, default=100, help="samples per class")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--sampler", default="ddim", type=one_of("sampler", SAMPLERS), help=sampler_help)
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -270,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     line on stderr and exit code 1; anything else is a bug and shows its traceback, as all do with --debug."""
     args = make_parser().parse_args(argv)
     try:
+        if getattr(args, "from_png", None):
+            args = make_parser(saved_arguments(args.from_png)).parse_args(argv)
         args.func(args)
     except KeyboardInterrupt as e:
         if args.debug:

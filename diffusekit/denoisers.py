@@ -87,7 +87,7 @@ class DiffusionSettings:
     prediction: str = "eps"
     timestep_scale: float = 1.0
     beta_range: tuple[float, float] | None = None  # None: the named schedule's own
-    spacing: str = ""  # default sampling grid: leading, trailing, linspace ("" = the schedule's default)
+    spacing: str = ""  # default sampling grid: leading, trailing, linspace, karras, exponential ("": the schedule's)
     steps_offset: int = 0
 
     def __post_init__(self):

@@ -97,3 +97,21 @@ class UpsampleGuidance:
         eps = p.eps + (1 + w) * upsample(q.eps / s - downsample(p.eps, s), s)
         x0 = p.x0 + (1 + w) * upsample(q.x0 - downsample(p.x0, s), s)
         return p._replace(eps=eps, x0=x0)
+
+
+class Inpaint:
+    """Training-free inpainting for any model (RePaint-style blending): where the binary `keep` is 1 the
+    clean sample is the known x0, so the known region of every state is the input noised to that time.
+
+        x0~ = keep x0_known + (1 - keep) x0(x_t, t),   eps~ = (x_t - a_t x0~) / b_t
+
+    A sampler's last step to clean data returns x0~, whose known region is x0_known exactly."""
+
+    def __init__(self, denoiser: Denoiser, schedule: Schedule, x0_known: Tensor, keep: Tensor):
+        self.denoiser, self.schedule, self.x0_known, self.keep = denoiser, schedule, x0_known, keep
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction:
+        p = self.denoiser(x, t, cond)
+        a, b = (expand_like(c, x) for c in self.schedule.alpha_sigma(t))
+        x0 = torch.where(self.keep.to(x.device).bool(), self.x0_known.to(p.x0), p.x0)
+        return p._replace(eps=(x - a * x0) / b, x0=x0)

@@ -1,14 +1,17 @@
-"""Image tensors <-> PIL images and labelled PNG grids."""
+"""Image tensors <-> PIL images, labelled PNG grids, and generation parameters in PNG text chunks."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -57,15 +60,68 @@ def check_output_path(path: str | Path) -> Path:
         raise ValueError(f"output {path} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
     if path.is_dir():
         raise ValueError(f"output {path} is a folder")
-    folder = next(p for p in path.absolute().parents if p.exists())  # the nearest existing ancestor
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {path}: {folder} is not a writable folder")
+    check_writable(path.parent)
     return path
 
 
+def check_writable(folder: str | Path) -> None:
+    """Raise ValueError unless `folder` is, or can be created as, a writable folder."""
+    folder = Path(folder)
+    near = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not near.is_dir() or not os.access(near, os.W_OK):
+        raise ValueError(f"cannot write in {folder}: {near} is not a writable folder")
+
+
+def next_numbered(folder: str | Path, tag: str) -> Path:
+    """folder/NNNNN-tag.png for the next number after every NNNNN-* in `folder`, claimed by creating the folder
+    folder/NNNNN-tag/ for its single images (so that runs in parallel never share a number)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    k = max((int(m[1]) for p in folder.iterdir() if (m := re.match(r"(\d+)-", p.name))), default=0) + 1
+    while True:
+        try:
+            (folder / f"{k:05d}-{tag}").mkdir()
+            return folder / f"{k:05d}-{tag}.png"
+        except FileExistsError:
+            k += 1
+
+
+def _save(img: Image.Image, path: str | Path, parameters: dict[str, Any] | None) -> Path:
+    """Write `img`, with `parameters` as JSON in the PNG text chunk 'parameters' (PNG only)."""
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(parameters))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, pnginfo=info)
+    return path
+
+
+def save_image(x: Tensor, path: str | Path, parameters: dict[str, Any] | None = None) -> Path:
+    """Write one image [C, H, W] in [-1, 1], optionally with its generation parameters."""
+    return _save(to_pil(x[None])[0], path, parameters)
+
+
+def read_parameters(path: str | Path) -> dict[str, Any]:
+    """The generation parameters that `save_image` / `save_grid` stored in a PNG."""
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}).get("parameters")
+    if text is None:
+        raise ValueError(f"{path} holds no generation parameters (no 'parameters' PNG text chunk)")
+    try:
+        parameters = json.loads(text)
+    except ValueError:
+        parameters = None
+    if not isinstance(parameters, dict):
+        raise ValueError(f"{path}: its 'parameters' PNG text chunk is not a JSON object")
+    return parameters
+
+
 def save_grid(x: Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None,
-              scale: int = 1, pad: int = 2) -> Path:
-    """Write images [N, C, H, W] in [-1, 1] as a PNG grid of rows of `nrow`, optionally labelled on the left."""
+              scale: int = 1, pad: int = 2, parameters: dict[str, Any] | None = None) -> Path:
+    """Write images [N, C, H, W] in [-1, 1] as a grid of rows of `nrow`, optionally labelled on the left and
+    with their generation parameters (PNG)."""
     tiles = [im.convert("RGB") for im in to_pil(x)]
     if scale != 1:
         tiles = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in tiles]
@@ -79,7 +135,4 @@ def save_grid(x: Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] 
         grid.paste(tile, (margin + pad + c * (w + pad), pad + r * (h + pad)))
     for r, label in enumerate(row_labels or []):
         draw.text((4, pad + r * (h + pad) + h // 2 - 5), label, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return _save(grid, path, parameters)

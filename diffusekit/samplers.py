@@ -62,6 +62,20 @@ def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def _dpmpp(x: Tensor, s: Step, D: Tensor) -> Tensor:
+    """The DPM-Solver++ update (Lu et al. 2022) from s.t to s.t_next with data prediction D:
+    x_s = (b_s / b_t) x_t - a_s (e^{-h} - 1) D, h = lambda_s - lambda_t, lambda = logSNR / 2."""
+    return (s.b_next / s.b) * x - s.a_next * math.expm1((s.logsnr - s.logsnr_next) / 2) * D
+
+
+def _ancestral(x: Tensor, x0: Tensor, s: Step) -> tuple[Tensor, float]:
+    """The ancestral (eta = 1) step from s.t to s.t_next given x0_hat, without its noise: returns
+    (a_s x0 + sqrt(b_s^2 - sigma^2) eps, sigma) with eps = (x - a_t x0) / b_t and sigma^2 = b_s^2 (1 - SNR(t) / SNR(s))
+    -- k-diffusion's step to sigma_down plus sigma_up, written so that a_t = 0 (pure noise) is allowed."""
+    sigma = s.b_next * math.sqrt(-math.expm1(s.logsnr - s.logsnr_next))
+    return s.a_next * x0 + math.sqrt(max(s.b_next**2 - sigma**2, 0.0)) * (x - s.a * x0) / s.b, sigma
+
+
 def ddpm(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
          variance: str = "small", generator: torch.Generator | None = None, callback: Callback | None = None,
          progress: bool = False) -> Tensor:
@@ -173,11 +187,151 @@ def dpmpp_2m(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond
         if x0_prev is not None and s.b_next > 0:
             r = h_prev / h
             D = (1 + 1 / (2 * r)) * p.x0 - (1 / (2 * r)) * x0_prev
-        x = (s.b_next / s.b) * x - s.a_next * math.expm1(-h) * D
+        x = _dpmpp(x, s, D)
         x0_prev, h_prev = p.x0, h
         if callback:
             callback(s.i, s.t, x, p)
     return x
+
+
+def dpmpp_2s_ancestral(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
+                       generator: torch.Generator | None = None, callback: Callback | None = None,
+                       progress: bool = False) -> Tensor:
+    """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral, eta = 1): a second-order singlestep
+    DPM-Solver++ step to sigma_down = sigma_s^2 / sigma_t, whose lambda-midpoint is s itself, then noise sigma_up.
+    First order on a step from pure noise and on the last step to clean data (sigma_down = 0)."""
+    x = _state(x)
+    for s in _steps(ts, schedule, progress):
+        p = _denoise(denoiser, x, s.t, cond)
+        x0 = p.x0
+        if s.a > 0 and s.b_next > 0:
+            x0 = _denoise(denoiser, _dpmpp(x, s, p.x0), s.t_next, cond).x0
+        x, sigma = _ancestral(x, x0, s)
+        if sigma > 0:
+            x = x + sigma * _noise(x, generator)
+        if callback:
+            callback(s.i, s.t, x, p)
+    return x
+
+
+def dpmpp_sde(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
+              generator: torch.Generator | None = None, callback: Callback | None = None,
+              progress: bool = False) -> Tensor:
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, eta = 1, r = 1/2): an ancestral step to the lambda-midpoint
+    m, the model there, then the ancestral step from t to s with x0_hat(m). Its two noises are increments of one
+    Brownian motion W(sigma), sigma = b / a, over [sigma_t, sigma_m] and [sigma_t, sigma_s] (k-diffusion draws them
+    from a Brownian tree, with the same law). First order on a step from pure noise and on the last step to clean data."""
+    x = _state(x)
+    for s in _steps(ts, schedule, progress):
+        p = _denoise(denoiser, x, s.t, cond)
+        x0, z = p.x0, None
+        if s.a > 0 and s.b_next > 0:
+            t_m = schedule.t_from_logsnr((s.logsnr + s.logsnr_next) / 2)
+            a_m, b_m = (c.item() for c in schedule.alpha_sigma(t_m))
+            m = s._replace(t_next=t_m.item(), a_next=a_m, b_next=b_m, logsnr_next=schedule.logsnr(t_m).item())
+            n1, n2 = _noise(x, generator), _noise(x, generator)
+            x_m, sigma_m = _ancestral(x, x0, m)
+            x0 = _denoise(denoiser, x_m + sigma_m * n1, m.t_next, cond).x0
+            w = math.sqrt((s.b / s.a - b_m / a_m) / (s.b / s.a - s.b_next / s.a_next))  # corr(W increments)
+            z = w * n1 + math.sqrt(1 - w * w) * n2
+        x, sigma = _ancestral(x, x0, s)
+        if sigma > 0:
+            x = x + sigma * (_noise(x, generator) if z is None else z)
+        if callback:
+            callback(s.i, s.t, x, p)
+    return x
+
+
+def unipc(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
+          order: int = 2, generator: torch.Generator | None = None, callback: Callback | None = None,
+          progress: bool = False) -> Tensor:
+    """UniPC (Zhao et al. 2023), data prediction, B(h) = e^{-h} - 1 ('bh2'): the order-p multistep predictor UniP,
+    then the corrector UniC, which refines the new state with the model call made there (no extra call). Orders
+    warm up from 1 and drop on the last steps (diffusers' lower_order_final); a first step from pure noise is a
+    first-order step that the history leaves out (lambda = -inf)."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+    x = _state(x)
+    n = len(ts) - 1
+    hist: list[tuple[float, Tensor]] = []  # (lambda, x0_hat) at s.t and earlier, newest first
+    last = None  # (x, step, order) of the predictor step that led to x, for UniC
+    for s in _steps(ts, schedule, progress):
+        p = _denoise(denoiser, x, s.t, cond)
+        if last is not None:
+            x = _unipc_step(*last, hist, p.x0)
+        if s.a == 0:
+            x, hist, last = _dpmpp(x, s, p.x0), [], None
+        else:
+            hist = [(s.logsnr / 2, p.x0)] + hist[:order - 1]
+            last = (x, s, min(order, len(hist), n - s.i))
+            x = _unipc_step(*last, hist)
+        if callback:
+            callback(s.i, s.t, x, p)
+    return x
+
+
+def _unipc_step(x: Tensor, s: Step, order: int, hist: list[tuple[float, Tensor]], x0_next: Tensor | None = None) -> Tensor:
+    """UniP (x0_next None) or UniC (x0_next = x0_hat at s.t_next, the corrector) of the given order from s.t to
+    s.t_next: DPM-Solver++ with D = m_0 + sum_k rho_k D1_k, D1_k = (m_k - m_0) / r_k, r_k = (lambda_k - lambda_0) / h."""
+    lam, m0 = hist[0]
+    h = (s.logsnr_next - s.logsnr) / 2
+    rks = [(lam_k - lam) / h for lam_k, _ in hist[1:order]]
+    D1s = [(m_k - m0) / r for r, (_, m_k) in zip(rks, hist[1:order])]
+    if x0_next is not None:
+        rks, D1s = rks + [1.0], D1s + [x0_next - m0]
+    return _dpmpp(x, s, m0 + sum(rho * d for rho, d in zip(_unipc_rhos(rks, h), D1s)))
+
+
+def _unipc_rhos(rks: list[float], h: float) -> list[float]:
+    """UniPC's weights (bh2): solve sum_k rho_k r_k^(i-1) = i! h phi_{i+1}(-h) / B(h) for i = 1..K, where
+    h phi_{i+1} follows phi_1 = (e^{-h} - 1) / -h - 1, phi_{i+1} = phi_i / -h - 1 / (i+1)!; a lone weight is 1/2
+    (the reference implementation's order-2 predictor and order-1 corrector)."""
+    if len(rks) <= 1:
+        return [0.5] * len(rks)
+    hh, g = -h, []
+    phi, fact = math.expm1(hh) / hh - 1, 1
+    for i in range(1, len(rks) + 1):
+        g.append(phi * fact / math.expm1(hh))
+        fact *= i + 1
+        phi = phi / hh - 1 / fact
+    R = torch.tensor([[r**k for r in rks] for k in range(len(rks))], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(g, dtype=torch.float64)).tolist()
+
+
+def lms(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
+        order: int = 4, generator: torch.Generator | None = None, callback: Callback | None = None,
+        progress: bool = False) -> Tensor:
+    """Linear multistep (k-diffusion's sample_lms): Adams-Bashforth of the given order over the non-uniform grid on
+    dy/ds = (y - x0_hat) / s in ODE coordinates y = x / c, s = b / c (as heun); the order warms up from 1. A first
+    step from pure noise (s infinite) is a first-order step that the history leaves out."""
+    if not 1 <= order <= 4:
+        raise ValueError(f"LMS order must be in [1, 4], got {order}")
+    x = _state(x)
+    c = schedule.ode_scale(check_grid(schedule, ts)).tolist()
+    sig: list[float] = []  # ODE times s at s.t and earlier, newest first
+    ds: list[Tensor] = []  # slopes dy/ds there
+    for s in _steps(ts, schedule, progress):
+        p = _denoise(denoiser, x, s.t, cond)
+        if c[s.i] == 0:
+            x = _dpmpp(x, s, p.x0)
+        else:
+            y = x / c[s.i]
+            sig = [s.b / c[s.i]] + sig[:order - 1]
+            ds = [(y - p.x0) / sig[0]] + ds[:order - 1]
+            coeffs = _lms_coefficients(sig, s.b_next / c[s.i + 1])
+            x = c[s.i + 1] * (y + sum(k * d for k, d in zip(coeffs, ds)))
+        if callback:
+            callback(s.i, s.t, x, p)
+    return x
+
+
+def _lms_coefficients(sig: list[float], sig_next: float) -> list[float]:
+    """Adams-Bashforth weights: the integrals from sig[0] to sig_next of the Lagrange basis polynomials on the nodes
+    sig, by 2-point Gauss-Legendre quadrature (exact up to degree 3, order 4)."""
+    mid, half = (sig[0] + sig_next) / 2, (sig_next - sig[0]) / 2
+    taus = (mid - half / math.sqrt(3), mid + half / math.sqrt(3))
+    return [half * sum(math.prod((tau - sig[m]) / (sig[j] - sig[m]) for m in range(len(sig)) if m != j) for tau in taus)
+            for j in range(len(sig))]
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -187,6 +341,10 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler_ancestral": euler_ancestral,
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+    "dpmpp_sde": dpmpp_sde,
+    "unipc": unipc,
+    "lms": lms,
 }
 
 

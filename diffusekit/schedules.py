@@ -106,6 +106,23 @@ BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022 (eq. 5): n noise levels sigma = b / a from sigma_max to sigma_min, uniform in sigma^(1/rho)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """n noise levels from sigma_max to sigma_min, uniform in log sigma (that is, in logSNR)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+
+
+SIGMA_GRIDS: dict[str, Callable[[int, float, float], Tensor]] = {
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+}
+
+
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     """Lin et al. 2024 (Algorithm 1): shift and scale sqrt(alphas_cumprod) so that a_{T-1} = 0
     while a_0 keeps its value."""
@@ -183,7 +200,8 @@ class VPSchedule(Schedule):
         return (a * a + b * b).sqrt()  # rho_t = sqrt(a_t^2 + b_t^2 / s^2)
 
     def timesteps(self, n: int, spacing: str = "trailing", offset: int = 0) -> Tensor:
-        """diffusers' spacings: leading (SD, with steps offset), trailing, linspace (rounded)."""
+        """diffusers' spacings: leading (SD, with steps offset), trailing, linspace (rounded); or karras /
+        exponential: the noise levels of SIGMA_GRIDS between the table's ends, at their (fractional) times."""
         T = self.T
         if not 1 <= n <= T:
             raise ValueError(f"number of steps must be in [1, {T}], got {n}")
@@ -193,8 +211,14 @@ class VPSchedule(Schedule):
             ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
         elif spacing == "linspace":
             ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
+        elif spacing in SIGMA_GRIDS:
+            sigma_min, sigma_max = (math.exp(-self._logsnr[i].item() / 2) for i in (1, T))
+            if math.isinf(sigma_max):
+                raise ValueError(f"{spacing} grids need a finite sigma_max: no zero terminal SNR")
+            ts = self.t_from_logsnr(-2 * SIGMA_GRIDS[spacing](n, sigma_min, sigma_max).log())
         else:
-            raise ValueError(f"unknown timestep spacing {spacing!r}; valid: leading, trailing, linspace")
+            raise ValueError(f"unknown timestep spacing {spacing!r}; valid: leading, trailing, linspace, "
+                             f"{', '.join(SIGMA_GRIDS)}")
         return check_grid(self, torch.cat([ts, ts.new_tensor([self.t_clean])]))
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, dist: str = "uniform",

@@ -136,11 +136,11 @@ def test_file_mistakes_are_one_line_errors(tmp_path, capsys, no_sampling):
     (tmp_path / "some_file.txt").write_text("hello")
     (tmp_path / "empty").mkdir()
     for argv, expected in [
-        (["sample", "--model", str(tmp_path / "does/not/exist")], "neither a model folder nor a bundled model"),
-        (["sample", "--model", str(tmp_path / "some_file.txt")], "neither a model folder nor a bundled model"),
+        (["sample", "--model", str(tmp_path / "does/not/exist")], "is neither a model folder"),
+        (["sample", "--model", str(tmp_path / "some_file.txt")], "is neither a model folder"),
         (["sample", "--model", "mnsit"], "did you mean 'mnist'?"),
         (["sample", "--model", str(tmp_path / "empty")], "no config.json"),
-        (["sample", "--sampler", "bogus"], "invalid choice: 'bogus'"),
+        (["sample", "--sampler", "bogus"], "unknown sampler 'bogus'; valid: ddpm, ddim"),
         (["eval", "--real", str(tmp_path / "nope"), "--fake", str(tmp_path / "empty")], "does not exist"),
         (["eval", "--fake", str(tmp_path / "empty")], "no images found"),
         (["train", str(tmp_path / "missing.toml")], "missing.toml"),

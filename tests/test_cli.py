@@ -16,7 +16,7 @@ def test_bad_arguments_exit_with_message(capsys):
         main(["demo", "--steps", "0"])
     with pytest.raises(SystemExit):
         main(["demo", "--sampler", "plms"])
-    assert "invalid choice: 'plms'" in capsys.readouterr().err
+    assert "unknown sampler 'plms'; did you mean 'lms'?" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

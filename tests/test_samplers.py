@@ -23,7 +23,8 @@ SCHEDULES = {
     "zero_snr": (VPSchedule.named("scaled_linear", zero_terminal_snr=True), "trailing"),
     "flow": (FlowSchedule(shift=3.0), "linspace"),
 }
-STEPS = {"ddpm": 1000, "euler_ancestral": 1000, "ddim": 500, "euler": 500, "heun": 60, "dpmpp_2m": 100}
+STEPS = {"ddpm": 1000, "euler_ancestral": 1000, "ddim": 500, "euler": 500, "heun": 60, "dpmpp_2m": 100,
+         "dpmpp_2s_ancestral": 200, "dpmpp_sde": 200, "unipc": 100, "lms": 100}
 
 
 def output_moments(sampler, schedule, ts, monkeypatch, **kw):
@@ -32,8 +33,8 @@ def output_moments(sampler, schedule, ts, monkeypatch, **kw):
     With the Gaussian's (affine) optimal denoiser every sampler is an affine map of x_T and of the noise
     it draws, y = c + A x_T + sum_k B_k z_k. We read c, A and every B_k off one batched run: row 0 has
     x_T = 0 and no noise, rows 1..D probe A, and the other rows each put a unit noise in one coordinate
-    of one draw."""
-    n_draws = len(ts) - 1
+    of one draw (up to two draws a step, as DPM++ SDE makes)."""
+    n_draws = 2 * (len(ts) - 1)
     B = 1 + D + n_draws * D
     x = torch.zeros(B, D, dtype=torch.float64)
     x[1:1 + D] = torch.eye(D, dtype=torch.float64)
@@ -123,7 +124,7 @@ def test_seeded_determinism_and_any_shape(name):
     y3 = SAMPLERS[name](den, x, ts, schedule, generator=gen(8))
     assert y1.shape == x.shape and y1.dtype == torch.float32
     assert torch.equal(y1, y2)
-    assert torch.equal(y1, y3) == (name in ("euler", "heun", "dpmpp_2m", "ddim"))
+    assert torch.equal(y1, y3) == (name in ("euler", "heun", "dpmpp_2m", "ddim", "unipc", "lms"))
 
 
 def test_callback_and_progress():

@@ -67,11 +67,12 @@ def settings_from_scheduler(cfg: Mapping[str, Any]) -> DiffusionSettings:
                              steps_offset=cfg.get("steps_offset", 0))
 
 
-def clip_text_encoder(path: str | Path, device: str, dtype: torch.dtype | None) -> nn.Module:
-    """A Stable Diffusion 1.x / 2.x text encoder folder (tokenizer beside it): last hidden layer, 77 tokens."""
-    from ..conditioning import TextEncoder
+def text_encoders(name: str | Path, device: str, dtype: torch.dtype | None) -> nn.Module:
+    """A Stable Diffusion 1.x / 2.x text encoder folder (tokenizer beside it: last hidden layer, 77 tokens), or a
+    diffusers SDXL / SD3 pipeline folder (its stack of text encoders)."""
+    from ..conditioning import load_text_encoder
 
-    encoder = TextEncoder(path, max_length=77, layer=-1).to(device)
+    encoder = load_text_encoder(str(name), device=device)
     return encoder.to(dtype) if dtype else encoder
 
 
@@ -88,9 +89,9 @@ def load_diffusers_pipeline(folder: str | Path, device: str = "cpu", dtype: torc
     such as DDPMPipeline have none), the diffusion settings from scheduler/, the training resolution from the
     denoiser's sample_size times the autoencoder's factor.
 
-    A single text encoder (text_encoder/ + tokenizer/, SD 1.x / 2.x) is loaded; pipelines with several (SDXL, SD3)
-    get text_encoder None: pass their token embeddings (`context`, `pooled`, SDXL's `time_ids`) to the denoiser
-    through the sampler's cond dict yourself."""
+    The text encoders are loaded when model_index.json lists each with its tokenizer: a single one (SD 1.x / 2.x,
+    text_encoder_name = its folder), or SDXL's / SD3's stack (text_encoder_name = the pipeline folder; SD3's T5 may
+    be left out, as diffusers allows); otherwise text_encoder is None."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json", "diffusers pipeline folder")
     components = {k: v[1] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1]}
@@ -106,14 +107,15 @@ def load_diffusers_pipeline(folder: str | Path, device: str = "cpu", dtype: torc
     ae = _component(folder, ae_name, components[ae_name], AUTOENCODERS, device, dtype) if ae_name else None
     factor = ae.downsample_factor if ae is not None else 1
     h, w = (size, size) if isinstance(size, int) else size
-    text_encoder, text_encoder_name = None, ""
-    if sorted(n for n in components if n.startswith("text_encoder")) == ["text_encoder"] and "tokenizer" in components:
-        text_encoder_name = str(folder / "text_encoder")
-        text_encoder = clip_text_encoder(text_encoder_name, device, dtype)
+    encoder, text_encoder_name = None, ""
+    names = [n for n in components if n.startswith("text_encoder")]
+    if names and all(n.replace("text_encoder", "tokenizer") in components for n in names):
+        text_encoder_name = str(folder / "text_encoder" if names == ["text_encoder"] else folder)
+        encoder = text_encoders(text_encoder_name, device, dtype)
     num_classes = net.config.num_classes if components[net_name] in CLASS_CONDITIONAL else None
     channels = (ae if ae is not None else net).config.in_channels
     return Pipeline(net, settings, (h * factor, w * factor), channels, num_classes=num_classes, autoencoder=ae,
-                    text_encoder=text_encoder, text_encoder_name=text_encoder_name)
+                    text_encoder=encoder, text_encoder_name=text_encoder_name)
 
 
 def load_sd_single_file(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, *,
@@ -129,6 +131,6 @@ def load_sd_single_file(path: str | Path, device: str = "cpu", dtype: torch.dtyp
     sd = read_state_dict(path, device=device)
     net = assign("unet", unet_config, unet_state_from_ldm(sd, unet_config), str(path), dtype).eval()
     ae = assign("autoencoder_kl", vae_config, vae_state_from_ldm(sd, vae_config), str(path), dtype).eval()
-    encoder = clip_text_encoder(text_encoder, device, dtype) if text_encoder else None
+    encoder = text_encoders(text_encoder, device, dtype) if text_encoder else None
     return Pipeline(net, DiffusionSettings(**SD1_SETTINGS), (resolution, resolution), vae_config.in_channels,
                     autoencoder=ae, text_encoder=encoder, text_encoder_name=str(text_encoder or ""))

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints import from_pretrained, read_config, staging_dir, write_model
-from ..conditioning import Conditioner, TextEncoder
+from ..conditioning import Conditioner, PromptEncoder
 from ..denoisers import Denoiser, DiffusionSettings, NetworkDenoiser
-from ..guidance import CFG, UpsampleGuidance
+from ..guidance import CFG, Inpaint, UpsampleGuidance
 from ..parametrization import Prediction
 from ..samplers import Callback, get_sampler
+from ..schedules import img2img_grid
 
 
 @dataclass
@@ -35,8 +37,10 @@ class Pipeline:
     channels: int  # image channels
     num_classes: int | None = None
     autoencoder: nn.Module | None = None
-    text_encoder: TextEncoder | None = None
+    text_encoder: PromptEncoder | None = None
     text_encoder_name: str = ""
+    low_res_factor: int = 0  # super-resolution models: the low-resolution input is H / f x W / f
+    low_res_noise: float = 0.0  # and is noise-augmented with this standard deviation
 
     def __post_init__(self):
         self.schedule = self.settings.make_schedule()
@@ -63,7 +67,10 @@ class Pipeline:
         return c, height // self.factor, width // self.factor
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return x if self.autoencoder is None else self.autoencoder.to_latent(x, generator)
+        """Images -> float32 diffusion states (the posterior mean, or a sample drawn with `generator`)."""
+        if self.autoencoder is None:
+            return x
+        return self.autoencoder.to_latent(x.to(next(self.autoencoder.parameters()).dtype), generator).float()
 
     def decode(self, z: Tensor) -> Tensor:
         if self.autoencoder is None:
@@ -86,33 +93,127 @@ def upsample_factor(pipe: Pipeline, height: int, width: int) -> int:
 def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
              negative: Sequence[str] | None = None, height: int | None = None, width: int | None = None,
              sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, spacing: str | None = None,
-             upsample_guidance: float | None = None, ug_eta: float = 1.0, generator: torch.Generator | None = None,
-             wrap: Callable[[Denoiser], Denoiser] | None = None, progress: bool = False, **sampler_kw: Any) -> Tensor:
-    """Sample n images [n, C, H, W] in [-1, 1]: conditions -> CFG -> Upsample Guidance (weight
-    `upsample_guidance`, for sizes s x the training one) -> (wrap) -> sampler -> decode. A state that turns
-    NaN / inf raises FloatingPointError naming the first such step."""
+             upsample_guidance: float | None = None, ug_eta: float = 1.0, image: Tensor | None = None,
+             strength: float = 1.0, mask: Tensor | None = None, low_res: Tensor | None = None,
+             latents: Tensor | None = None, denoising_start: float = 0.0, denoising_end: float = 1.0,
+             output: str = "image", original_size: tuple[int, int] | None = None,
+             crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+             generator: torch.Generator | None = None, wrap: Callable[[Denoiser], Denoiser] | None = None,
+             progress: bool = False, **sampler_kw: Any) -> Tensor:
+    """Sample n images [n, C, H, W] in [-1, 1] (or, with output='latent', the diffusion state):
+    conditions -> CFG -> inpainting -> Upsample Guidance -> (wrap) -> sampler -> decode.
+
+    - text-to-image / class-conditional / unconditional: `prompts` (+ `negative`), `labels`, or neither;
+    - image-to-image (SDEdit): `image` [1 or n, C, H, W] in [-1, 1] is encoded and noised to the time
+      a fraction `strength` in (0, 1] down the grid; strength 1 starts from pure noise (text-to-image);
+    - inpainting: `image` and `mask` [1 or n, 1, H, W] (1 = generate); dedicated 9-channel models also
+      get mask + masked-image latent concatenated; every model keeps the known region (`Inpaint`);
+    - super-resolution models: `low_res` [1 or n, C, H / f, W / f];
+    - refiner hand-off: `denoising_end` < 1 stops a fraction of the way down the grid (use output='latent'),
+      `denoising_start` > 0 with those `latents` finishes it;
+    - SDXL micro-conditioning: `original_size`, `crop_top_left`, `target_size` (default: the output size).
+    A state that turns NaN / inf raises FloatingPointError naming the first such step."""
     if n < 1 or steps < 1:
         raise ValueError(f"n and steps must be positive, got n={n}, steps={steps}")
     if not math.isfinite(cfg_scale) or (upsample_guidance is not None and not math.isfinite(upsample_guidance)):
         raise ValueError(f"guidance weights must be finite, got {cfg_scale=}, {upsample_guidance=}")
     if not 0 <= ug_eta <= 1:
         raise ValueError(f"ug_eta must be in [0, 1], got {ug_eta}")
+    if not 0 <= denoising_start < denoising_end <= 1:
+        raise ValueError(f"need 0 <= denoising_start < denoising_end <= 1, got {denoising_start}, {denoising_end}")
+    if output not in ("image", "latent"):
+        raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     H, W = height or pipe.resolution[0], width or pipe.resolution[1]
     shape = pipe.latent_shape(H, W)
-    cond = pipe.conditioner(n, labels, prompts, size=(H, W), device=pipe.device)
+    size = tuple(original_size or target_size or (H, W))
+    cond = pipe.conditioner(n, labels, prompts, size=tuple(target_size or (H, W)), device=pipe.device,
+                            original_size=torch.tensor([size]).expand(n, 2),
+                            crop_top_left=torch.tensor([crop_top_left]).expand(n, 2))
+    known = None
+    if image is not None:
+        image = check_image(image, n, pipe.channels, (H, W), "image").to(pipe.device)
+        known = pipe.encode(image)
+    keep = None
+    if mask is not None:
+        if image is None:
+            raise ValueError("inpainting needs the image as well as the mask")
+        mask = check_mask(mask, n, (H, W)).to(pipe.device)
+        keep = 1 - F.max_pool2d(mask, pipe.factor)  # a latent pixel is known if all its pixels are
+        if pipe.net.config.in_channels == 2 * shape[0] + 1:  # SD-inpainting form: noisy + mask + masked image
+            masked = pipe.encode(image * (1 - mask))
+            cond["concat"] = torch.cat([F.interpolate(mask, size=shape[1:]), masked], dim=1)
+    elif pipe.net.config.in_channels != shape[0] and not pipe.low_res_factor:
+        raise ValueError(f"this is an inpainting model ({pipe.net.config.in_channels} input channels): pass image and mask")
+    if (low_res is not None) != bool(pipe.low_res_factor):
+        raise ValueError("low_res is for super-resolution models, and they need it" if pipe.low_res_factor
+                         else "this model is not a super-resolution model: it takes no low_res")
+    if low_res is not None:
+        f = pipe.low_res_factor
+        low_res = check_image(low_res, n, pipe.channels, (H // f, W // f), "low_res").to(pipe.device)
+        z = torch.randn(low_res.shape, generator=generator, device=generator.device if generator else "cpu")
+        cond["concat"] = low_res_condition(low_res, shape[1:], z.to(pipe.device), pipe.low_res_noise)
     denoiser: Denoiser = pipe.denoiser()
-    if cond and cfg_scale != 1:
+    if pipe.conditioner.keys and cfg_scale != 1:  # (a concatenated image alone is no condition to guide by)
         denoiser = CFG(denoiser, cfg_scale, pipe.conditioner.null(cond, negative))
+    if keep is not None:
+        denoiser = Inpaint(denoiser, pipe.schedule, known, keep)
     if upsample_guidance is not None:
         denoiser = UpsampleGuidance(denoiser, pipe.schedule, upsample_factor(pipe, H, W), upsample_guidance, ug_eta)
     if wrap is not None:
         denoiser = wrap(denoiser)
     ts = pipe.settings.grid(pipe.schedule, steps, spacing)
-    x = torch.randn((n, *shape), generator=generator, device=generator.device if generator else "cpu").to(pipe.device)
+    ts = ts[round(steps * denoising_start):round(steps * denoising_end) + 1]
+    if image is not None:
+        ts = img2img_grid(ts, strength)
+    if latents is not None:  # (no noise drawn: a hand-off continues the generator's stream)
+        if latents.shape != (n, *shape):
+            raise ValueError(f"latents must have shape {(n, *shape)}, got {tuple(latents.shape)}")
+        x = latents.to(pipe.device)
+    else:
+        x = torch.randn((n, *shape), generator=generator, device=generator.device if generator else "cpu").to(pipe.device)
+        if image is not None and strength < 1:
+            a, b = (c.item() for c in pipe.schedule.alpha_sigma(ts[0]))
+            x = a * known + b * x
     run = partial(get_sampler(sampler), denoiser, x, ts, pipe.schedule, cond, generator=generator, progress=progress)
     with torch.no_grad():
         z = run_finite(run, f"sampler {sampler}", len(ts) - 1, **sampler_kw)
-        return pipe.decode(z).float().clamp(-1, 1)
+        if output == "latent":
+            return z
+        out = pipe.decode(z).float().clamp(-1, 1)
+        return out if keep is None or pipe.autoencoder is not None else torch.where(keep.bool(), image, out)
+
+
+def check_image(image: Tensor, n: int, channels: int, size: tuple[int, int], what: str,
+                value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
+    """An input batch [1 or n, channels, H, W] of values in `value_range`, as n images (never modified in place)."""
+    if not torch.is_tensor(image) or image.ndim != 4:
+        raise ValueError(f"{what} must be a tensor [N, C, H, W], got {getattr(image, 'shape', type(image).__name__)}")
+    if image.shape[0] not in (1, n):
+        raise ValueError(f"{what} holds {image.shape[0]} images; pass 1 or {n}")
+    if image.shape[1] != channels:
+        raise ValueError(f"{what} has {image.shape[1]} channels; this model takes {channels}")
+    if tuple(image.shape[-2:]) != tuple(size):
+        raise ValueError(f"{what} is {image.shape[-2]}x{image.shape[-1]}; it must be {size[0]}x{size[1]}")
+    lo, hi = value_range
+    if not bool(torch.isfinite(image).all()) or image.min() < lo - 1e-3 or image.max() > hi + 1e-3:
+        raise ValueError(f"{what} values must be finite and in [{lo:g}, {hi:g}] "
+                         f"(got [{image.min():.3g}, {image.max():.3g}])")
+    return image.float().expand(n, -1, -1, -1)
+
+
+def check_mask(mask: Tensor, n: int, size: tuple[int, int]) -> Tensor:
+    """A binary(-ish) inpainting mask [1 or n, 1, H, W] in [0, 1] (1 = generate), thresholded at 0.5."""
+    mask = check_image(mask, n, 1, size, "mask", (0.0, 1.0))
+    undecided = ((mask > 0.1) & (mask < 0.9)).float().mean().item()
+    if undecided > 0.05:
+        raise ValueError(f"mask is not binary: {undecided:.0%} of its values lie between 0.1 and 0.9")
+    return (mask > 0.5).float()
+
+
+def low_res_condition(low_res: Tensor, size: Sequence[int], z: Tensor, noise: float) -> Tensor:
+    """Super-resolution's concatenated condition: the low-resolution image plus noise * z (noise
+    augmentation), resized (bilinear) to the diffusion state's size."""
+    return F.interpolate(low_res + noise * z, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def run_finite(run: Callable[..., Tensor], what: str, steps: int, callback: Callback | None = None,
@@ -139,7 +240,9 @@ def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = 
     path = Path(path)
     extra = {"diffusion": dataclasses.asdict(pipe.settings), "image": {"resolution": list(pipe.resolution),
              "channels": pipe.channels}, "conditioning": {"num_classes": pipe.num_classes,
-                                                          "text_encoder": pipe.text_encoder_name}}
+                                                          "text_encoder": pipe.text_encoder_name,
+                                                          "low_res_factor": pipe.low_res_factor,
+                                                          "low_res_noise": pipe.low_res_noise}}
     with staging_dir(path) as tmp:  # one atomic replace, so a network never goes without its autoencoder
         write_model(pipe.net, tmp, dtype, extra)
         if pipe.autoencoder is not None:
@@ -149,8 +252,14 @@ def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> Pipeline:
     """Load a model folder written by `save_pipeline` (or by the trainer), computing in `dtype` whatever
-    precision the weights are stored in (None keeps the stored one)."""
+    precision the weights are stored in (None keeps the stored one); a diffusers pipeline folder
+    (model_index.json) or an original Stable Diffusion single file loads through `diffusekit.interop`."""
     path = Path(path)
+    if path.is_file() or (path / "model_index.json").is_file():
+        from ..interop.pipelines import load_diffusers_pipeline, load_sd_single_file
+
+        load = load_sd_single_file if path.is_file() else load_diffusers_pipeline
+        return load(path, str(device), dtype)
     meta = read_config(path)
     for key in ("diffusion", "image"):
         if key not in meta:
@@ -164,4 +273,5 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
 
         text_encoder = load_text_encoder(cond["text_encoder"], device=device)
     return Pipeline(net, DiffusionSettings(**meta["diffusion"]), tuple(meta["image"]["resolution"]),
-                    meta["image"]["channels"], cond.get("num_classes"), ae, text_encoder, cond.get("text_encoder", ""))
+                    meta["image"]["channels"], cond.get("num_classes"), ae, text_encoder, cond.get("text_encoder", ""),
+                    cond.get("low_res_factor", 0), cond.get("low_res_noise", 0.0))

@@ -26,7 +26,7 @@ from ..denoisers import DiffusionSettings
 from ..models import MODELS, model_config
 from ..parametrization import PREDICTION_TYPES
 from ..samplers import SAMPLERS
-from ..schedules import BETA_SCHEDULES
+from ..schedules import BETA_SCHEDULES, SIGMA_GRIDS
 from ..validation import did_you_mean, type_problem
 
 
@@ -64,6 +64,15 @@ class DataSection:
     size: int = 10_000  # shapes: number of distinct images
     holdout: int = 0  # mnist: keep the last N digits out of training
     num_workers: int = 0
+
+
+@dataclass
+class LowResSection:
+    """Super-resolution models: conditioned on the image downsampled by `factor` (0 = not one), with
+    Gaussian noise of standard deviation `noise` added (noise augmentation), concatenated to the input."""
+
+    factor: int = 0
+    noise: float = 0.1
 
 
 @dataclass
@@ -143,6 +152,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     latent: LatentSection = field(default_factory=LatentSection)
     text: TextSection = field(default_factory=TextSection)
+    low_res: LowResSection = field(default_factory=LowResSection)
     train: DiffusionTrainSection = field(default_factory=DiffusionTrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
 
@@ -200,7 +210,7 @@ CHECKS: dict[str, Check] = {  # by full key, after the type check against the an
     "diffusion.beta_range": beta_range,
     "diffusion.prediction": one_of(PREDICTION_TYPES),
     "diffusion.timestep_scale": positive,
-    "diffusion.spacing": one_of(("", "leading", "trailing", "linspace")),
+    "diffusion.spacing": one_of(("", "leading", "trailing", "linspace", *SIGMA_GRIDS)),
     "diffusion.steps_offset": at_least(0),
     "diffusion.t_sampling": one_of(("uniform", "logit_normal")),
     "diffusion.logit_std": positive,
@@ -214,6 +224,8 @@ CHECKS: dict[str, Check] = {  # by full key, after the type check against the an
     "data.holdout": at_least(0),
     "data.num_workers": at_least(0),
     "text.max_length": at_least(1),
+    "low_res.factor": at_least(0),
+    "low_res.noise": at_least(0),
     **{f"train.{k}": at_least(1) for k in ("steps", "batch_size", "grad_accum", "log_every", "sample_every",
                                            "ckpt_every", "keep_last")},
     "train.lr": positive,

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ from ..checkpoints import from_pretrained
 from ..models import build
 from ..conditioning import load_text_encoder
 from ..images import save_grid
-from ..pipelines.common import Pipeline, generate, save_pipeline
+from ..pipelines.common import Pipeline, generate, low_res_condition, save_pipeline
 from ..plots import line_png
 from ..schedules import Schedule
 from .config import AutoencoderTrainConfig, DiffusionSection, TrainConfig, to_dict
@@ -215,11 +216,12 @@ def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
 
 
 def draw(seed: int, step: int, positions: range, shape: tuple[int, ...], schedule: Schedule, d: DiffusionSection,
-         posterior: bool) -> dict[str, Tensor]:
+         posterior: bool, low_res: tuple[int, ...] | None = None) -> dict[str, Tensor]:
     """The randomness of the samples at `positions` of a step's global batch, each from its own generator
-    seeded by (seed, step, position): time t, noise eps (+ offset noise), the condition-dropout draw u
-    and, if `posterior`, the latent posterior's noise. Independent of how the batch is split."""
-    out: dict[str, list[Tensor]] = {"t": [], "eps": [], "u": [], "posterior": []}
+    seeded by (seed, step, position): time t, noise eps (+ offset noise), the condition-dropout draw u,
+    if `posterior` the latent posterior's noise, and the low-resolution input's noise augmentation (of
+    shape `low_res`). Independent of how the batch is split."""
+    out: dict[str, list[Tensor]] = {"t": [], "eps": [], "u": [], "posterior": [], "low_res": []}
     for i in positions:
         g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_003 + i) % 2**63)
         out["t"].append(schedule.sample_t(1, g, d.t_sampling, d.logit_mean, d.logit_std))
@@ -230,6 +232,8 @@ def draw(seed: int, step: int, positions: range, shape: tuple[int, ...], schedul
         out["u"].append(torch.rand(1, generator=g))
         if posterior:
             out["posterior"].append(torch.randn(shape, generator=g))
+        if low_res:
+            out["low_res"].append(torch.randn(low_res, generator=g))
     return {k: torch.cat(v) if k in ("t", "u") else torch.stack(v) for k, v in out.items() if v}
 
 
@@ -249,7 +253,11 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
     net = build(cfg.model.type, cfg.model.config, device=device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     num_classes = getattr(dataset, "num_classes", None) if "class_labels" in net.cond_keys else None
-    pipe = Pipeline(ema, D.settings(), resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder)
+    L = cfg.low_res
+    if L.factor and (ae is not None or cfg.data.resolution % L.factor):
+        raise ValueError(f"super-resolution (low_res.factor {L.factor}) needs a pixel model whose resolution it divides")
+    pipe = Pipeline(ema, D.settings(), resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder,
+                    L.factor, L.noise)
     opt = torch.optim.AdamW(net.parameters(), lr=T.lr, betas=T.betas, weight_decay=T.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=T.mixed_precision == "fp16")
     model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
@@ -276,14 +284,17 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
             batch = procs.shard(next(data))
             mean, std = moments(batch)
             sample_posterior = std is not None and cfg.latent.sample_posterior
+            low_shape = (cfg.data.channels, *(s // L.factor for s in resolution)) if L.factor else None
             r = draw(T.seed, index, procs.positions(T.batch_size, micro * T.batch_size), tuple(mean.shape[1:]),
-                     pipe.schedule, D, sample_posterior)
+                     pipe.schedule, D, sample_posterior, low_shape)
             x0 = mean if std is None else ae.scale(mean + std * r["posterior"].to(device) if sample_posterior else mean)
             cond = pipe.conditioner(len(x0), batch.get("label") if "class_labels" in keys else None,
                                     batch.get("caption") if "context" in keys else None, resolution,
                                     batch.get("original_size"), batch.get("crop_top_left"), device)
             if cond and D.p_uncond:
                 cond = pipe.conditioner.drop(cond, r["u"] < D.p_uncond)
+            if L.factor:
+                cond["concat"] = low_res_condition(F.avg_pool2d(x0, L.factor), resolution, r["low_res"].to(device), L.noise)
             last = micro == T.grad_accum - 1 or procs.world == 1
             with (contextlib.nullcontext() if last else model.no_sync()), autocast:
                 loss = denoiser.loss(x0, r["t"].to(device), r["eps"].to(device), cond, D.min_snr_gamma or None).mean()
@@ -297,7 +308,8 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
         update_ema(ema, net, min(T.ema_decay, (1 + index) / (10 + index)))  # EMA warm-up
         return {"loss": torch.stack(losses).mean(), "grad_norm": grad_norm}
 
-    trainer = Trainer({"model": net, "ema": ema}, {"opt": opt}, step, lambda path: sample_grid(cfg, pipe, path),
+    low_res = F.avg_pool2d(torch.stack([dataset[i]["image"] for i in range(cfg.sample.n * 4)]), L.factor) if L.factor else None
+    trainer = Trainer({"model": net, "ema": ema}, {"opt": opt}, step, lambda path: sample_grid(cfg, pipe, path, low_res),
                       lambda path: save_pipeline(pipe, path), T.batch_size * T.grad_accum, scaler)
     with RunFolder(T.out_dir, procs.main) as folder:
         if ae is not None and cfg.latent.cache:
@@ -315,9 +327,10 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(out / "tensorboard")
 
 
-def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path) -> Path | None:
-    """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional. A
-    grid that comes out NaN is a warning (the loss, checked at every log line, decides whether to stop)."""
+def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path, low_res: Tensor | None = None) -> Path | None:
+    """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional (super-
+    resolution models: of `low_res` images). A grid that comes out NaN is a warning (the loss, checked at every
+    log line, decides whether to stop)."""
     S = cfg.sample
     g = torch.Generator().manual_seed(cfg.train.seed)
     labels, prompts, rows = None, None, None
@@ -331,7 +344,7 @@ def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path) -> Path | None:
     n = len(labels) if labels is not None else len(prompts) if prompts else S.n * 4
     try:
         images = generate(pipe, n, labels=labels, prompts=prompts, sampler=S.sampler, steps=S.steps,
-                          cfg_scale=S.cfg_scale, generator=g)
+                          cfg_scale=S.cfg_scale, low_res=low_res, generator=g)
     except FloatingPointError as e:
         warnings.warn(f"preview {path.name} skipped: {e}")
         return None
