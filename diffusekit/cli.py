@@ -45,7 +45,8 @@ def demo(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14"}  # 28x28 and 14x14 class-conditional
+BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14",  # 28x28, 14x14 class-conditional
+           "mnist_sr": ASSETS / "mnist_sr"}  # super-resolution 14x14 -> 28x28
 UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)
 SPACINGS = ("leading", "trailing", "linspace", *SIGMA_GRIDS)  # diffusers' timestep spacings, then noise-level grids
 VARIANCES = ("small", "large", "learned")  # DDPM's posterior variances
@@ -53,7 +54,14 @@ SAVED: dict[str, Any] = {  # the `sample` options each PNG records and --from-pn
     "model": str, "labels": list[int] | None, "prompt": list[str] | None, "negative": list[str] | None, "n": int,
     "seed": int, "sampler": str, "steps": int, "cfg": float, "spacing": str | None, "eta": float | None,
     "variance": str | None, "upsample_guidance": float | None, "ug_eta": float, "height": int, "width": int,
-    "scale": int}
+    "scale": int, "input_image": str | None, "mask": str | None, "strength": float | None, "text_encoder": str | None,
+    "refiner": str | None, "refiner_start": float}
+TASKS = {  # the subcommands that run `sample`, and what each adds to it
+    "sample": "generate a PNG grid and its images from a trained model (text-to-image, class-conditional, ...)",
+    "img2img": "image-to-image (SDEdit): noise an input image part of the way and denoise it under the conditions",
+    "inpaint": "regenerate the white part of a mask in an input image, keeping the rest",
+    "upscale": "super-resolution: a model conditioned on the low-resolution image (bundled: mnist_sr, 14 -> 28)",
+}
 
 
 def positive_int(text: str) -> int:
@@ -231,6 +239,28 @@ def saved_arguments(path: str) -> dict[str, Any]:
     return args
 
 
+def task_inputs(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """generate's inputs for img2img / inpaint / upscale from --image (and --mask), whose size sets the output's
+    (upscale: times the model's factor); the paths are made absolute for --from-png."""
+    from .images import load_image
+
+    if args.command == "upscale" and not pipe.low_res_factor:
+        raise ValueError(f"{args.model} is not a super-resolution model; for larger images of a model use sample "
+                         "--height/--width with --upsample-guidance")
+    if getattr(args, "input_image", None) is None:
+        return {}
+    image, f = load_image(args.input_image, pipe.channels), pipe.low_res_factor
+    args.height, args.width = (args.height or image.shape[-2] * (f or 1)), (args.width or image.shape[-1] * (f or 1))
+    args.input_image = str(Path(args.input_image).resolve())
+    if f:
+        return {"low_res": image}
+    inputs = {"image": image, "strength": args.strength}
+    if getattr(args, "mask", None) is not None:
+        inputs["mask"] = (load_image(args.mask, 1) + 1) / 2
+        args.mask = str(Path(args.mask).resolve())
+    return inputs
+
+
 def sample(args: argparse.Namespace) -> None:
     """Generate a labelled grid and its single images from a model folder (or a bundled model's name), each PNG
     recording in a text chunk the parameters that reproduce it (--from-png). Without --out they are written
@@ -241,19 +271,25 @@ def sample(args: argparse.Namespace) -> None:
     check_out(args)
     sampler_kw = sampler_options(args)
     folder = model_folder(args.model)
-    pipe = load_pipeline(folder, args.device)
+    pipe = load_pipeline(folder, args.device, text_encoder=args.text_encoder)
     check_conditions(args, pipe)
+    inputs = task_inputs(args, pipe)
     args.height, args.width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
     conditions, rows, own = batch(args, pipe)
     if args.upsample_guidance is None and (args.height > pipe.resolution[0] or args.width > pipe.resolution[1]):
         print(f"hint: the model was trained at {pipe.resolution[0]}x{pipe.resolution[1]}; for larger images try "
               f"--upsample-guidance 0.2 (Upsample Guidance, no training needed)")
     t0 = time.perf_counter()
-    images = generate(pipe, len(own), **conditions, height=args.height, width=args.width, sampler=args.sampler,
-                      steps=args.steps, cfg_scale=args.cfg, spacing=args.spacing,
-                      upsample_guidance=args.upsample_guidance, ug_eta=args.ug_eta,
-                      generator=torch.Generator().manual_seed(args.seed), progress=True, **sampler_kw)
-    parameters = {**{k: getattr(args, k) for k in SAVED}, "model_path": str(Path(folder).resolve()),
+    kw = dict(**conditions, height=args.height, width=args.width, sampler=args.sampler, steps=args.steps,
+              cfg_scale=args.cfg, spacing=args.spacing, upsample_guidance=args.upsample_guidance, ug_eta=args.ug_eta,
+              generator=torch.Generator().manual_seed(args.seed), progress=True, **sampler_kw)
+    if args.refiner:  # the base model runs the schedule up to --refiner-start, the refiner the rest
+        refiner = load_pipeline(model_folder(args.refiner), args.device)
+        z = generate(pipe, len(own), **inputs, **kw, denoising_end=args.refiner_start, output="latent")
+        images = generate(refiner, len(own), **kw, denoising_start=args.refiner_start, latents=z)
+    else:
+        images = generate(pipe, len(own), **inputs, **kw)
+    parameters = {**{k: getattr(args, k, None) for k in SAVED}, "model_path": str(Path(folder).resolve()),
                   "device": args.device, "diffusekit": version()}
     path = write_outputs(images, args, rows, own, parameters)
     print(f"{len(own)} images of {args.height}x{args.width} in {time.perf_counter() - t0:.1f} s -> {path} "
@@ -310,34 +346,8 @@ def version() -> str:
         return __version__
 
 
-def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """The `diffusekit` argument parser: one subcommand per function above; `saved` options (--from-png) are
-    the defaults of `sample`."""
-    parser = argparse.ArgumentParser(prog="diffusekit", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
-    debug = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=func.__doc__, parents=[debug],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.set_defaults(func=func)
-        return p
-
-    sampler_help = f"sampler: {', '.join(SAMPLERS)}"
-    p = command("demo", demo, "sample a 2-D Gaussian mixture with its exact denoiser, write a PNG")
-    p.add_argument("--sampler", default="dpmpp_2m", type=one_of("sampler", SAMPLERS), help=sampler_help)
-    p.add_argument("--schedule", default="scaled_linear", choices=sorted(BETA_SCHEDULES) + ["flow"],
-                   help="noise schedule")
-    p.add_argument("--shift", type=float, default=1.0, help="rectified-flow resolution shift")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--n", type=positive_int, default=4000, help="number of samples")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default="out/demo.png", help="output PNG")
-
-    p = command("sample", sample, "generate a PNG grid and its images from a trained model")
+def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
+    """The options of `sample` and of its task variants (img2img, inpaint, upscale)."""
     p.add_argument("--from-png", metavar="PNG", help="rerun the run that wrote this PNG (its grid or one of its "
                                                      "images) with the parameters stored in it; options given "
                                                      "as well override them")
@@ -367,12 +377,59 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification in the grid")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--refiner", metavar="MODEL", help="a second model (SDXL refiner) that finishes the schedule")
+    p.add_argument("--refiner-start", type=unit_float, default=0.8,
+                   help="the fraction of the steps after which the refiner takes over")
+    p.add_argument("--text-encoder", metavar="DIR", help="text encoder folder (tokenizer beside it) for a Stable "
+                                                         "Diffusion single file, whose CLIP is not converted")
     p.add_argument("--out", help="grid image (.png, .jpg, .jpeg or .webp), its images in the folder OUT without "
                                  "suffix; refused if either exists, unless --overwrite")
     p.add_argument("--outdir", default="out", help="without --out: the grid is OUTDIR/NNNNN-SEED.png, the next free "
                                                    "number, and its images OUTDIR/NNNNN-SEED/000.png, 001.png, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its images")
-    p.set_defaults(**(saved or {}))
+
+
+def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The `diffusekit` argument parser: one subcommand per function above; `saved` options (--from-png) are
+    the defaults of `sample`."""
+    parser = argparse.ArgumentParser(prog="diffusekit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=func.__doc__, parents=[debug],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    sampler_help = f"sampler: {', '.join(SAMPLERS)}"
+    p = command("demo", demo, "sample a 2-D Gaussian mixture with its exact denoiser, write a PNG")
+    p.add_argument("--sampler", default="dpmpp_2m", type=one_of("sampler", SAMPLERS), help=sampler_help)
+    p.add_argument("--schedule", default="scaled_linear", choices=sorted(BETA_SCHEDULES) + ["flow"],
+                   help="noise schedule")
+    p.add_argument("--shift", type=float, default=1.0, help="rectified-flow resolution shift")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--n", type=positive_int, default=4000, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="out/demo.png", help="output PNG")
+
+    for name, help in TASKS.items():
+        p = command(name, sample, help)
+        sample_options(p, sampler_help)
+        if name in ("img2img", "inpaint"):
+            p.add_argument("--image", dest="input_image", required=not saved,
+                           help="input image (PNG, JPEG, ...): its size is the output's")
+            p.add_argument("--strength", type=unit_float, default=0.6 if name == "img2img" else 1.0,
+                           help="how far down the schedule the input is noised: 1 starts from pure noise")
+        if name == "inpaint":
+            p.add_argument("--mask", required=not saved, help="mask image of the same size: white is regenerated")
+        if name == "upscale":
+            p.add_argument("--image", dest="input_image", required=not saved, help="the low-resolution image to upscale")
+            p.set_defaults(model="mnist_sr")
+        p.set_defaults(**(saved or {}))
 
     p = command("eval", evaluate, "Frechet distance, KID, precision/recall, class accuracy of samples")
     p.add_argument("--model", help="sample this class-conditional model (folder or bundled name)")

@@ -52,6 +52,19 @@ def from_pil(images: Sequence[Image.Image], channels: int = 3) -> Tensor:
     return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
 
 
+def load_image(path: str | Path, channels: int) -> Tensor:
+    """An image file as [1, channels, H, W] in [-1, 1] (greyscale, colour and 16-bit files converted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no image file at {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return from_pil([img], channels)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from e
+
+
 def check_output_path(path: str | Path) -> Path:
     """Raise ValueError unless `path` names an image file (OUTPUT_SUFFIXES) that can be written, so that a
     mistyped output is caught before the work that would fill it."""

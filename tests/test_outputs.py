@@ -64,7 +64,9 @@ def test_pngs_record_their_parameters(tmp_path):
     assert grid == {"model": "mnist", "model_path": str(BUNDLED["mnist"].resolve()), "labels": [3, 5],
                     "prompt": None, "negative": None, "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "spacing": "trailing", "eta": None, "variance": None, "upsample_guidance": None, "ug_eta": 1.0,
-                    "height": 28, "width": 28, "scale": 2, "device": "cpu", "diffusekit": version()}
+                    "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "strength": None,
+                    "text_encoder": None, "refiner": None, "refiner_start": 0.8, "device": "cpu",
+                    "diffusekit": version()}
     assert read_parameters(tmp_path / "grid" / "001.png") == {**grid, "image": {"index": 1, "label": 5}}
     assert pixels(tmp_path / "grid" / "001.png").shape == (28, 28)
 
@@ -111,3 +113,56 @@ def test_eta_changes_ddim(tmp_path):
 def test_sampler_typo_suggests_the_name(capsys, no_sampling):
     assert "unknown sampler 'dpmpp2m'; did you mean 'dpmpp_2m'?" in fails(SAMPLE + ["--sampler", "dpmpp2m"], capsys)
     assert "did you mean 'karras'?" in fails(SAMPLE + ["--spacing", "karas"], capsys)
+
+
+@pytest.fixture
+def digit_files(tmp_path):
+    """A real digit as a 28x28 PNG, its 14x14 version, and a mask PNG whose white centre is regenerated."""
+    from diffusekit.training.data import MNIST
+
+    digit = MNIST(indices=slice(-1, None)).images[0]
+    save_image(digit, tmp_path / "digit.png")
+    save_image(torch.nn.functional.avg_pool2d(digit, 2), tmp_path / "small.png")
+    mask = -torch.ones(1, 28, 28)
+    mask[:, 8:20, 8:20] = 1
+    save_image(mask, tmp_path / "mask.png")
+    return tmp_path
+
+
+TASK = ["--labels", "3", "--n", "1", "--steps", "3"]
+
+
+def test_img2img_and_inpaint_from_the_command_line(digit_files, capsys):
+    d = digit_files
+    main(["img2img", "--image", str(d / "digit.png"), "--strength", "0.5", "--out", str(d / "i2i.png"), *TASK])
+    assert read_parameters(d / "i2i.png")["input_image"] == str(d / "digit.png")
+    main(["sample", "--from-png", str(d / "i2i.png"), "--out", str(d / "again.png")])
+    assert np.array_equal(pixels(d / "i2i.png"), pixels(d / "again.png"))
+    main(["inpaint", "--image", str(d / "digit.png"), "--mask", str(d / "mask.png"), "--out", str(d / "inp.png"), *TASK])
+    out, src, hole = pixels(d / "inp" / "000.png"), pixels(d / "digit.png"), pixels(d / "mask.png") > 127
+    assert np.array_equal(out[~hole], src[~hole]) and not np.array_equal(out[hole], src[hole])
+    assert "image is 14x14; it must be 28x28" in fails(
+        ["img2img", "--image", str(d / "small.png"), "--height", "28", "--width", "28", *TASK], capsys)
+    assert "mask is 14x14; it must be 28x28" in fails(
+        ["inpaint", "--image", str(d / "digit.png"), "--mask", str(d / "small.png"), *TASK], capsys)
+    assert "no image file at" in fails(["img2img", "--image", str(d / "missing.png"), *TASK], capsys)
+
+
+def test_upscale_needs_a_super_resolution_model(tmp_path, digit_files, capsys):
+    from diffusekit.training import loop
+    from tests.test_training import tiny
+
+    sr = loop.train(tiny("mnist_sr.toml", tmp_path / "sr", "train.steps=1"))
+    main(["upscale", "--model", str(sr), "--image", str(digit_files / "small.png"), "--n", "1", "--steps", "2",
+          "--out", str(tmp_path / "up.png")])
+    assert pixels(tmp_path / "up" / "000.png").shape == (28, 28)
+    assert "not a super-resolution model" in fails(["upscale", "--model", "mnist", "--image",
+                                                    str(digit_files / "small.png"), *TASK], capsys)
+
+
+def test_a_refiner_finishes_what_the_base_model_started(tmp_path):
+    main(SAMPLE + ["--refiner", "mnist", "--refiner-start", "0.5", "--steps", "4", "--out", str(tmp_path / "r.png")])
+    main(SAMPLE + ["--steps", "4", "--out", str(tmp_path / "one.png")])
+    assert np.array_equal(pixels(tmp_path / "r.png"), pixels(tmp_path / "one.png"))  # the same model: one run
+    main(SAMPLE + ["--refiner", "mnist14", "--refiner-start", "0.5", "--steps", "4", "--out", str(tmp_path / "x.png")])
+    assert not np.array_equal(pixels(tmp_path / "x.png"), pixels(tmp_path / "one.png"))

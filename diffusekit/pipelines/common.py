@@ -46,6 +46,31 @@ class Pipeline:
         self.schedule = self.settings.make_schedule()
         self.conditioner = Conditioner(self.net, self.text_encoder, self.num_classes)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", **kw: Any) -> "Pipeline":
+        """A model folder (ours or a diffusers pipeline's) or an SD single file; see `load_pipeline`."""
+        return load_pipeline(path, device, **kw)
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+                 class_labels: int | Sequence[int] | None = None, num_images_per_prompt: int = 1,
+                 num_inference_steps: int = 50, guidance_scale: float = 1.0, seed: int | None = None,
+                 mask_image: Tensor | None = None, **kw: Any) -> Tensor:
+        """diffusers-style call: images [n, C, H, W] in [-1, 1] for each prompt / class label (or
+        unconditional) times num_images_per_prompt; every other keyword goes to `generate` (height, width,
+        sampler, generator, upsample_guidance, image, strength, low_res, ...)."""
+        def repeat(v: Any) -> list[Any] | None:  # each prompt / label num_images_per_prompt times
+            return None if v is None else [x for x in ([v] if isinstance(v, (str, int)) else v)
+                                           for _ in range(num_images_per_prompt)]
+
+        prompts, labels = repeat(prompt), repeat(class_labels)
+        negative = [negative_prompt] if isinstance(negative_prompt, str) else repeat(negative_prompt)
+        labels = torch.tensor(labels) if labels is not None else None
+        n = len(prompts) if prompts else len(labels) if labels is not None else num_images_per_prompt
+        if seed is not None:
+            kw.setdefault("generator", torch.Generator().manual_seed(seed))
+        return generate(self, n, labels=labels, prompts=prompts, negative=negative, steps=num_inference_steps,
+                        cfg_scale=guidance_scale, mask=mask_image, **kw)
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
@@ -250,16 +275,23 @@ def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = 
     return path
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> Pipeline:
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
+                  text_encoder: str | Path | None = None) -> Pipeline:
     """Load a model folder written by `save_pipeline` (or by the trainer), computing in `dtype` whatever
     precision the weights are stored in (None keeps the stored one); a diffusers pipeline folder
-    (model_index.json) or an original Stable Diffusion single file loads through `diffusekit.interop`."""
+    (model_index.json) or an original Stable Diffusion single file (with the `text_encoder` folder for its
+    prompts) loads through `diffusekit.interop`."""
     path = Path(path)
-    if path.is_file() or (path / "model_index.json").is_file():
-        from ..interop.pipelines import load_diffusers_pipeline, load_sd_single_file
+    if path.is_file():
+        from ..interop.pipelines import load_sd_single_file
 
-        load = load_sd_single_file if path.is_file() else load_diffusers_pipeline
-        return load(path, str(device), dtype)
+        return load_sd_single_file(path, str(device), dtype, text_encoder=text_encoder)
+    if text_encoder is not None:
+        raise ValueError("a text encoder is given only with a Stable Diffusion single file (the folders name theirs)")
+    if (path / "model_index.json").is_file():
+        from ..interop.pipelines import load_diffusers_pipeline
+
+        return load_diffusers_pipeline(path, str(device), dtype)
     meta = read_config(path)
     for key in ("diffusion", "image"):
         if key not in meta:
