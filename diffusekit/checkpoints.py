@@ -151,7 +151,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a model saved by `save_pretrained`; a config.json or weights that do not fit raise CheckpointError."""
+    """Load a model saved by `save_pretrained`, in eval mode, computing in `dtype` (default: the stored precision,
+    but float32 on the CPU, where half precision is slow); a config.json or weights that do not fit raise
+    CheckpointError."""
+    if dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32
     meta, file = read_config(path), Path(path) / CONFIG_NAME
     for key, kind in (("model_type", str), ("config", dict)):
         if not isinstance(meta, dict) or key not in meta:
@@ -165,4 +169,4 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     model = build(meta["model_type"], config, device="meta")
     weights = Path(path) / WEIGHTS_NAME
     model = load_weights(model, read_state_dict(weights, device=str(device)), source=str(weights))
-    return model.to(dtype) if dtype else model
+    return (model.to(dtype) if dtype else model).eval()

@@ -64,13 +64,14 @@ def kid(f1: Tensor, f2: Tensor, subsets: int = 20, subset_size: int = 1000, seed
     return v.mean().item(), v.std().item()
 
 
-def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): the share of fake samples inside the
-    real k-NN manifold, and of real samples inside the fake one."""
+    real k-NN manifold, and of real samples inside the fake one (distances `chunk` rows at a time)."""
 
     def inside(ref: Tensor, query: Tensor) -> float:
-        radii = torch.cdist(ref, ref).kthvalue(k + 1, dim=1).values  # k-th neighbour, self excluded
-        return (torch.cdist(query, ref) <= radii[None]).any(1).double().mean().item()
+        radii = torch.cat([torch.cdist(r, ref).kthvalue(k + 1, dim=1).values  # k-th neighbour, self excluded
+                           for r in ref.split(chunk)])
+        return torch.cat([(torch.cdist(q, ref) <= radii[None]).any(1) for q in query.split(chunk)]).double().mean().item()
 
     real, fake = real.double(), fake.double()
     return inside(real, fake), inside(fake, real)
@@ -192,13 +193,19 @@ def load_images(source: str | Path, resolution: int | None = None, channels: int
 
 
 @torch.no_grad()
-def sample_classes(pipe, per_class: int, batch: int = 200, seed: int = 0, **generate_kw) -> tuple[Tensor, Tensor]:
-    """per_class samples of every class of a class-conditional pipeline -> (images, labels)."""
+def sample_classes(pipe, per_class: int, batch: int = 200, seed: int = 0, progress: bool = False,
+                   **generate_kw) -> tuple[Tensor, Tensor]:
+    """per_class samples of every class of a class-conditional pipeline -> (images, labels), in batches, with
+    one progress bar over all of their sampling steps."""
     from .pipelines.common import generate
 
     labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
-    images = [generate(pipe, len(chunk), labels=chunk, generator=g, **generate_kw) for chunk in labels.split(batch)]
+    chunks = labels.split(batch)
+    with tqdm(total=len(chunks) * generate_kw.get("steps", 50), desc=f"sampling {len(labels)} images",
+              disable=not progress) as bar:
+        images = [generate(pipe, len(chunk), labels=chunk, generator=g, callback=lambda *a: bar.update(), **generate_kw)
+                  for chunk in chunks]
     return torch.cat(images), labels
 
 

@@ -63,3 +63,17 @@ def test_shipped_classifier_accuracy_and_feature_space_metrics(classifier):
     real_noise = ev.evaluate_samples(noise, half_a, classifier=classifier)
     assert real_real["frechet"] < 0.05 * real_noise["frechet"] and real_real["class_accuracy"] > 0.98
     assert real_real["precision"] > 0.7 and real_noise["precision"] < 0.05
+
+
+def test_precision_recall_in_chunks_equals_the_whole_distance_matrix():
+    from diffusekit.evaluation import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(300, 8, generator=g), torch.randn(200, 8, generator=g) + 0.3
+
+    def whole(ref, query, k=3):
+        radii = torch.cdist(ref, ref).kthvalue(k + 1, dim=1).values
+        return (torch.cdist(query, ref) <= radii[None]).any(1).double().mean().item()
+
+    assert precision_recall(real, fake, chunk=64) == (whole(real.double(), fake.double()),
+                                                      whole(fake.double(), real.double()))

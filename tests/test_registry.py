@@ -61,3 +61,11 @@ def test_every_type_round_trips(model_type, tmp_path):
 def test_unknown_type_suggests_a_name():
     with pytest.raises(ConfigError, match=r"unknown model type 'unte'.*did you mean 'unet'\?"):
         build("unte", {})
+
+
+def test_from_pretrained_computes_half_precision_weights_in_float32_on_the_cpu():
+    from diffusekit.evaluation import ASSETS
+
+    net = from_pretrained(ASSETS / "mnist_unet")  # stored in fp16
+    assert {p.dtype for p in net.parameters()} == {torch.float32} and not net.training
+    assert {p.dtype for p in from_pretrained(ASSETS / "mnist_unet", dtype=torch.float16).parameters()} == {torch.float16}

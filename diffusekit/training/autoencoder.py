@@ -52,8 +52,9 @@ def perceptual_loss(device: torch.device) -> nn.Module | None:
 
         return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
     except Exception as e:  # missing package, or weights that would have to be downloaded
-        warnings.warn(f"LPIPS perceptual loss unavailable ({type(e).__name__}: {e}); "
-                      "training with L1 + adversarial + KL only, which gives blurrier reconstructions")
+        warnings.warn(f"LPIPS perceptual loss unavailable ({type(e).__name__}: {e}); training with L1 + adversarial "
+                      "+ KL only, which gives blurrier reconstructions. pip install 'diffusekit[lpips]' (with a "
+                      "torchvision matching your torch, and its VGG16 weights in the torch hub cache) enables it")
         return None
 
 

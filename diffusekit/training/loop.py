@@ -185,6 +185,7 @@ def run(cfg: TrainConfig | AutoencoderTrainConfig, procs: Processes, folder: Run
                         writer.add_scalar(f"train/{key}", record[key], step)
                 window, t_last = [], time.perf_counter()
             if procs.main and (step % T.sample_every == 0 or step == T.steps):
+                bar.set_postfix_str(f"drawing samples/step_{step:07d}.png")  # (which can take a while)
                 trainer.preview(out / "samples" / f"step_{step:07d}.png")
             stopping = stop.requested()
             if procs.main and (step % T.ckpt_every == 0 or step == T.steps or stopping):
