@@ -437,8 +437,9 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--real", default="mnist", help="'mnist' or a folder of real images")
     p.add_argument("--resolution", type=positive_int, help="resize images to this size, if not 28")
     p.add_argument("--n", type=positive_int, default=100, help="samples per class")
-    p.add_argument("--sampler", default="ddim", type=one_of("sampler", SAMPLERS), help=sampler_help)
-    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default="dpmpp_2m", type=one_of("sampler", SAMPLERS), help=sampler_help)
+    p.add_argument("--steps", type=positive_int, default=20,
+                   help="sampling steps (dpmpp_2m needs 20 for the class accuracy of 50 DDIM steps)")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cpu", help="torch device")

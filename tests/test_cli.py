@@ -57,3 +57,10 @@ def test_sample_above_the_trained_size_hints_at_and_uses_upsample_guidance(tiny_
     with pytest.raises(SystemExit, match="divisible by 2"):
         main(["sample", "--model", str(tiny_model), "--labels", "0", "--height", "21", "--width", "21",
               "--out", str(tmp_path / "d.png")])
+
+
+@pytest.mark.parametrize("command", ["sample", "img2img", "inpaint", "upscale", "eval", "train", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "(default:" in capsys.readouterr().out
