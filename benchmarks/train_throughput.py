@@ -5,11 +5,16 @@ compared before timing); each round times `--steps` AdamW training steps of each
 the ratio of images per second is reported (median over rounds).
 
     python benchmarks/train_throughput.py --config configs/mnist_unet.toml --steps 10 --rounds 5
+    python benchmarks/train_throughput.py --config configs/mnist_unet.toml --steps 10 --rounds 5 --mixed-precision bf16
+
+`--mixed-precision bf16` runs our step under the trainer's `train.mixed_precision = "bf16"` autocast
+(diffusers stays float32, the reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast of our step, as the trainer")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,9 +87,14 @@ def main() -> None:
     opt_ours = torch.optim.AdamW(ours.parameters(), 1e-4)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), 1e-4)
 
+    autocast = (torch.autocast("cpu", torch.bfloat16) if args.mixed_precision == "bf16"
+                else contextlib.nullcontext())
+
     def step_ours():  # the trainer's loss path: parametrization, network, MSE
         opt_ours.zero_grad(set_to_none=True)
-        denoiser.loss(x, t, eps, {"class_labels": labels}).mean().backward()
+        with autocast:
+            loss = denoiser.loss(x, t, eps, {"class_labels": labels}).mean()
+        loss.backward()
         opt_ours.step()
 
     def step_theirs():  # the same work written against diffusers
@@ -100,7 +111,7 @@ def main() -> None:
     med = statistics.median(ratios)
     ours_rate, theirs_rate = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
     print(f"{args.config}: {n_params / 1e6:.2f}M parameters, batch {args.batch}, {res}x{res}, "
-          f"{torch.get_num_threads()} threads; outputs agree to {diff:.1e}")
+          f"{torch.get_num_threads()} threads, ours with mixed precision {args.mixed_precision}; outputs agree to {diff:.1e}")
     print(f"diffusekit {ours_rate:.1f} img/s, diffusers {theirs_rate:.1f} img/s, "
           f"speed ratio ours/diffusers = {med:.3f} (median of {args.rounds} rounds: {[round(r, 3) for r in ratios]})")
 

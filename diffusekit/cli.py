@@ -50,12 +50,13 @@ BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14", 
 UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)
 SPACINGS = ("leading", "trailing", "linspace", *SIGMA_GRIDS)  # diffusers' timestep spacings, then noise-level grids
 VARIANCES = ("small", "large", "learned")  # DDPM's posterior variances
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype: the network's compute precision
 SAVED: dict[str, Any] = {  # the `sample` options each PNG records and --from-png restores, with their types
     "model": str, "labels": list[int] | None, "prompt": list[str] | None, "negative": list[str] | None, "n": int,
     "seed": int, "sampler": str, "steps": int, "cfg": float, "spacing": str | None, "eta": float | None,
     "variance": str | None, "upsample_guidance": float | None, "ug_eta": float, "height": int, "width": int,
     "scale": int, "input_image": str | None, "mask": str | None, "strength": float | None, "text_encoder": str | None,
-    "refiner": str | None, "refiner_start": float}
+    "refiner": str | None, "refiner_start": float, "dtype": str}
 TASKS = {  # the subcommands that run `sample`, and what each adds to it
     "sample": "generate a PNG grid and its images from a trained model (text-to-image, class-conditional, ...)",
     "img2img": "image-to-image (SDEdit): noise an input image part of the way and denoise it under the conditions",
@@ -272,6 +273,10 @@ def sample(args: argparse.Namespace) -> None:
     sampler_kw = sampler_options(args)
     folder = model_folder(args.model)
     pipe = load_pipeline(folder, args.device, text_encoder=args.text_encoder)
+    if args.dtype != "fp32" or args.compile:
+        from .acceleration import accelerate
+
+        accelerate(pipe, dtype=DTYPES[args.dtype], compile=args.compile)
     check_conditions(args, pipe)
     inputs = task_inputs(args, pipe)
     args.height, args.width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
@@ -377,6 +382,9 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification in the grid")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="fp32", type=one_of("dtype", DTYPES),
+                   help="the network's compute precision: bf16 is ~2x faster on CPUs with AVX512-BF16 / AMX")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for long runs)")
     p.add_argument("--refiner", metavar="MODEL", help="a second model (SDXL refiner) that finishes the schedule")
     p.add_argument("--refiner-start", type=unit_float, default=0.8,
                    help="the fraction of the steps after which the refiner takes over")

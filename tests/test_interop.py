@@ -65,15 +65,18 @@ def tiny_clip(folder):
     return tokenizer, CLIPTextModel(config).eval()
 
 
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def tiny_sd_folder(folder, vocab):
     """A tiny SD 1.x-style pipeline folder (UNet2DConditionModel, AutoencoderKL, DDIM, CLIP) and its parts."""
-    folder = tmp_path_factory.mktemp("sd")
-    tokenizer, text_encoder = tiny_clip(tmp_path_factory.mktemp("vocab") / "files")
+    tokenizer, text_encoder = tiny_clip(vocab)
     parts = dict(unet=randomised(*CASES["sd1"]), vae=randomize(AutoencoderKL(**TINY_VAE, latent_channels=4)),
                  scheduler=DDIMScheduler(**SD_SCHEDULER), text_encoder=text_encoder, tokenizer=tokenizer)
     write_pipeline(folder, "StableDiffusionPipeline", {"safety_checker": [None, None]}, **parts)
     return folder, parts
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return tiny_sd_folder(tmp_path_factory.mktemp("sd"), tmp_path_factory.mktemp("vocab") / "files")
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ def test_pngs_record_their_parameters(tmp_path):
                     "prompt": None, "negative": None, "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "spacing": "trailing", "eta": None, "variance": None, "upsample_guidance": None, "ug_eta": 1.0,
                     "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "strength": None,
-                    "text_encoder": None, "refiner": None, "refiner_start": 0.8, "device": "cpu",
+                    "text_encoder": None, "refiner": None, "refiner_start": 0.8, "dtype": "fp32", "device": "cpu",
                     "diffusekit": version()}
     assert read_parameters(tmp_path / "grid" / "001.png") == {**grid, "image": {"index": 1, "label": 5}}
     assert pixels(tmp_path / "grid" / "001.png").shape == (28, 28)
@@ -166,3 +166,11 @@ def test_a_refiner_finishes_what_the_base_model_started(tmp_path):
     assert np.array_equal(pixels(tmp_path / "r.png"), pixels(tmp_path / "one.png"))  # the same model: one run
     main(SAMPLE + ["--refiner", "mnist14", "--refiner-start", "0.5", "--steps", "4", "--out", str(tmp_path / "x.png")])
     assert not np.array_equal(pixels(tmp_path / "x.png"), pixels(tmp_path / "one.png"))
+
+
+def test_bf16_from_the_command_line_is_recorded_and_close_to_fp32(tmp_path):
+    main(SAMPLE + ["--steps", "10", "--dtype", "bf16", "--out", str(tmp_path / "bf16.png")])
+    main(SAMPLE + ["--steps", "10", "--out", str(tmp_path / "fp32.png")])
+    assert read_parameters(tmp_path / "bf16.png")["dtype"] == "bf16"
+    difference = np.abs(pixels(tmp_path / "bf16.png").astype(float) - pixels(tmp_path / "fp32.png")).mean()
+    assert 0 < difference < 10  # of 255: rounded differently, the same digits

@@ -8,16 +8,23 @@ from pathlib import Path
 import pytest
 
 from diffusekit.cli import make_parser
-from tests.test_interop import sd  # noqa: F401  (the fixture: a tiny SD 1.x diffusers folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
 
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A tiny SD 1.x diffusers folder, standing in for the user's."""
+    from tests.test_interop import tiny_sd_folder
+
+    return tiny_sd_folder(tmp_path_factory.mktemp("sd"), tmp_path_factory.mktemp("vocab") / "files")[0]
+
+
 @pytest.mark.parametrize("code", [code for lang, code in BLOCKS if lang == "python"])
-def test_python_blocks_run(code, sd, monkeypatch):  # noqa: F811
+def test_python_blocks_run(code, sd_folder, monkeypatch):
     monkeypatch.chdir(ROOT)
-    code = code.replace("path/to/stable-diffusion-v1-5", str(sd[0]))
+    code = code.replace("path/to/stable-diffusion-v1-5", str(sd_folder))
     exec(compile(code, "README.md", "exec"), {})
 
 

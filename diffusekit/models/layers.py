@@ -104,7 +104,8 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # in-place SiLU and adds on fresh tensors: no (B, C, H, W) allocation each (autograd-safe)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         if self.emb_proj is None:
             h = self.norm2(h)
         else:
@@ -113,8 +114,8 @@ class ResBlock(nn.Module):
                 scale, shift = e.chunk(2, dim=1)
                 h = self.norm2(h) * (1 + scale) + shift
             else:
-                h = self.norm2(h + e)
-        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+                h = self.norm2(h.add_(e))
+        return self.conv2(self.dropout(F.silu(h, inplace=True))).add_(self.skip(x))
 
 
 class Downsample(nn.Module):

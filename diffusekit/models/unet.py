@@ -221,7 +221,7 @@ class UNet(nn.Module):
             h = block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
     def embed(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None, pooled: Tensor | None,
               time_ids: Tensor | None) -> Tensor:

@@ -1,0 +1,56 @@
+"""The speed switches of `diffusekit.acceleration.accelerate` compute what the default float32 pipeline computes:
+channels_last and torch.compile to float32 rounding, bf16 close to it and drawing the requested digits."""
+
+import shutil
+
+import pytest
+import torch
+
+from diffusekit.acceleration import accelerate
+from diffusekit.cli import BUNDLED
+from diffusekit.evaluation import class_accuracy, load_mnist_classifier
+from diffusekit.pipelines.common import generate, load_pipeline
+
+LABELS = torch.arange(10).repeat(2)
+
+
+def sample(pipe) -> torch.Tensor:
+    return generate(pipe, len(LABELS), labels=LABELS, sampler="dpmpp_2m", steps=10, cfg_scale=3.0,
+                    generator=torch.Generator().manual_seed(0))
+
+
+def eps(pipe, x, t) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.net(x.to(next(pipe.net.parameters()).dtype), t, class_labels=LABELS).float()
+
+
+def test_channels_last_is_the_float32_function():
+    x, t = torch.randn(len(LABELS), 1, 28, 28), torch.linspace(0, 999, len(LABELS))
+    pipe = load_pipeline(BUNDLED["mnist"])
+    ref, ref_images = eps(pipe, x, t), sample(pipe)
+    accelerate(pipe, channels_last=True)
+    assert torch.allclose(eps(pipe, x, t), ref, atol=1e-5)
+    assert torch.allclose(sample(pipe), ref_images, atol=1e-4)
+
+
+def test_bf16_is_close_to_float32_and_keeps_the_class_accuracy():
+    x, t = torch.randn(len(LABELS), 1, 28, 28), torch.linspace(0, 999, len(LABELS))
+    pipe = load_pipeline(BUNDLED["mnist"])
+    ref, ref_images = eps(pipe, x, t), sample(pipe)
+    accelerate(pipe, dtype=torch.bfloat16)
+    assert next(pipe.net.parameters()).dtype == torch.bfloat16
+    rel = (eps(pipe, x, t) - ref).norm() / ref.norm()
+    assert rel < 0.02  # bf16 keeps 8 mantissa bits: ~0.4% per rounding
+    images = sample(pipe)
+    assert images.dtype == torch.float32 and (images - ref_images).abs().mean() < 0.02
+    clf = load_mnist_classifier()
+    assert class_accuracy(clf, images, LABELS) >= class_accuracy(clf, ref_images, LABELS) - 0.05
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compile_is_the_float32_function():
+    x, t = torch.randn(len(LABELS), 1, 28, 28), torch.linspace(0, 999, len(LABELS))
+    pipe = load_pipeline(BUNDLED["mnist"])
+    ref = eps(pipe, x, t)
+    accelerate(pipe, compile=True)
+    assert torch.allclose(eps(pipe, x, t), ref, atol=1e-4)
