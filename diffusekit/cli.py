@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import inspect
-import math
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from torch import Tensor
 from .evaluation import ASSETS
 from .samplers import SAMPLERS, get_sampler
 from .schedules import BETA_SCHEDULES, SIGMA_GRIDS, make_schedule
-from .validation import did_you_mean, type_problem
+from .validation import Check, at_least, did_you_mean, finite, type_problem, within
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -65,28 +64,18 @@ TASKS = {  # the subcommands that run `sample`, and what each adds to it
 }
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def checked(parse: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
+    """argparse type: `parse` the text, then refuse a value that `check` finds wrong, with its message."""
+    def convert(text: str) -> Any:
+        value = parse(text)
+        if problem := check(value):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return convert
 
 
-def finite_float(text: str) -> float:
-    """argparse type: a float that is neither nan nor inf."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """argparse type: a float in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+positive_int, finite_float, unit_float = checked(int, at_least(1)), checked(float, finite), checked(float, within(0, 1))
 
 
 def ug_weight(text: str) -> float:

@@ -43,6 +43,8 @@ class TextEncoder(nn.Module):
     sees the padding unmasked as in SD3; other encoders: last hidden layer and the attention-masked mean
     (sentence-transformers pooling). The tokenizer is `tokenizer`, else beside the model or in ../tokenizer."""
 
+    zero_null = False  # the null condition is the empty prompt's encoding (see SDXLTextEncoder)
+
     def __init__(self, path: str | Path, max_length: int = 77, layer: int = -1, tokenizer: str | Path | None = None):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,6 +101,8 @@ class TextEncoder(nn.Module):
 class PromptEncoder(Protocol):
     """What the Conditioner needs of a text encoder (TextEncoder or a stack of them)."""
 
+    zero_null: bool  # the null condition is all zeros rather than the empty prompt's encoding
+
     def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """prompts -> (tokens [B, L, d], pooled [B, d_pool])."""
 
@@ -122,6 +126,8 @@ class SD3TextEncoder(nn.Module):
     hidden states side by side, zero-padded to `width` (T5's, the MMDiT's context width), then T5's
     `t5_length` tokens (zeros without T5): tokens [B, 77 + 256, 4096]; pooled = both CLIPs' projected EOS
     vectors [B, 768 + 1280]."""
+
+    zero_null = False
 
     def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None, width: int,
                  t5_length: int = T5_LENGTH):
@@ -247,7 +253,7 @@ class Conditioner:
             else:
                 if self._empty is None:
                     self._empty = self.text_encoder([""])
-                    if getattr(self.text_encoder, "zero_null", False):  # SDXL's force_zeros_for_empty_prompt
+                    if self.text_encoder.zero_null:  # SDXL's force_zeros_for_empty_prompt
                         self._empty = tuple(map(torch.zeros_like, self._empty))
                 tokens, pooled = (v.expand(n, *v.shape[1:]) for v in self._empty)
             null["context"] = tokens.to(cond["context"].device)

@@ -68,12 +68,17 @@ def _dpmpp(x: Tensor, s: Step, D: Tensor) -> Tensor:
     return (s.b_next / s.b) * x - s.a_next * math.expm1((s.logsnr - s.logsnr_next) / 2) * D
 
 
+def _ddim_step(s: Step, x0: Tensor, eps: Tensor, eta: float = 1.0) -> tuple[Tensor, float]:
+    """The DDIM step from s.t to s.t_next without its noise, and that noise's std:
+    (a_s x0 + sqrt(b_s^2 - sigma^2) eps, sigma) with sigma = eta b_s sqrt(1 - SNR(t) / SNR(s))."""
+    sigma = eta * s.b_next * math.sqrt(-math.expm1(s.logsnr - s.logsnr_next))
+    return s.a_next * x0 + math.sqrt(max(s.b_next**2 - sigma**2, 0.0)) * eps, sigma
+
+
 def _ancestral(x: Tensor, x0: Tensor, s: Step) -> tuple[Tensor, float]:
-    """The ancestral (eta = 1) step from s.t to s.t_next given x0_hat, without its noise: returns
-    (a_s x0 + sqrt(b_s^2 - sigma^2) eps, sigma) with eps = (x - a_t x0) / b_t and sigma^2 = b_s^2 (1 - SNR(t) / SNR(s))
-    -- k-diffusion's step to sigma_down plus sigma_up, written so that a_t = 0 (pure noise) is allowed."""
-    sigma = s.b_next * math.sqrt(-math.expm1(s.logsnr - s.logsnr_next))
-    return s.a_next * x0 + math.sqrt(max(s.b_next**2 - sigma**2, 0.0)) * (x - s.a * x0) / s.b, sigma
+    """The ancestral (eta = 1) step given x0_hat, with eps = (x - a_t x0) / b_t: k-diffusion's step to
+    sigma_down plus sigma_up, written so that a_t = 0 (pure noise) is allowed."""
+    return _ddim_step(s, x0, (x - s.a * x0) / s.b)
 
 
 def ddpm(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
@@ -122,8 +127,7 @@ def ddim(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Co
     x = _state(x)
     for s in _steps(ts, schedule, progress):
         p = _denoise(denoiser, x, s.t, cond)
-        sigma = eta * s.b_next * math.sqrt(-math.expm1(s.logsnr - s.logsnr_next))
-        x = s.a_next * p.x0 + math.sqrt(max(s.b_next**2 - sigma**2, 0.0)) * p.eps
+        x, sigma = _ddim_step(s, p.x0, p.eps, eta)
         if sigma > 0:
             x = x + sigma * _noise(x, generator)
         if callback:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 
 class ConfigError(ValueError):
@@ -54,3 +55,31 @@ def did_you_mean(name: Any, names: Collection[Any]) -> str:
     strings = [n for n in names if isinstance(n, str)]
     close = difflib.get_close_matches(name, strings, n=1) if isinstance(name, str) else []
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+Check = Callable[[Any], "str | None"]  # a value of the right type -> None, or 'must be ..., got ...'
+
+
+def one_of(names: Collection[Any]) -> Check:
+    """A check for membership in `names` (a registry dict is read when checking)."""
+    return lambda v: None if v in names else f"must be one of {sorted(names)}, got {v!r}{did_you_mean(v, names)}"
+
+
+def at_least(low: float) -> Check:
+    """A check for values >= low."""
+    return lambda v: None if v >= low else f"must be >= {low}, got {v!r}"
+
+
+def within(low: float, high: float) -> Check:
+    """A check for values in [low, high]."""
+    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}], got {v!r}"
+
+
+def positive(v: float) -> str | None:
+    """A check for finite values > 0."""
+    return None if 0 < v < math.inf else f"must be finite and > 0, got {v!r}"
+
+
+def finite(v: float) -> str | None:
+    """A check for values that are neither nan nor inf."""
+    return None if math.isfinite(v) else f"must be finite, got {v!r}"

@@ -175,8 +175,8 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     if low_res is not None:
         f = pipe.low_res_factor
         low_res = check_image(low_res, n, pipe.channels, (H // f, W // f), "low_res").to(pipe.device)
-        z = torch.randn(low_res.shape, generator=generator, device=generator.device if generator else "cpu")
-        cond["concat"] = low_res_condition(low_res, shape[1:], z.to(pipe.device), pipe.low_res_noise)
+        z = randn(low_res.shape, generator, pipe.device)
+        cond["concat"] = low_res_condition(low_res, shape[1:], z, pipe.low_res_noise)
     denoiser: Denoiser = pipe.denoiser()
     if pipe.conditioner.keys and cfg_scale != 1:  # (a concatenated image alone is no condition to guide by)
         denoiser = CFG(denoiser, cfg_scale, pipe.conditioner.null(cond, negative))
@@ -195,7 +195,7 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
             raise ValueError(f"latents must have shape {(n, *shape)}, got {tuple(latents.shape)}")
         x = latents.to(pipe.device)
     else:
-        x = torch.randn((n, *shape), generator=generator, device=generator.device if generator else "cpu").to(pipe.device)
+        x = randn((n, *shape), generator, pipe.device)
         if image is not None and strength < 1:
             a, b = (c.item() for c in pipe.schedule.alpha_sigma(ts[0]))
             x = a * known + b * x
@@ -206,6 +206,12 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
             return z
         out = pipe.decode(z).float().clamp(-1, 1)
         return out if keep is None or pipe.autoencoder is not None else torch.where(keep.bool(), image, out)
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """N(0, I) noise drawn on the generator's device (the CPU without one), so that a seed gives the same
+    noise wherever the model runs; then moved to `device`."""
+    return torch.randn(tuple(shape), generator=generator, device=generator.device if generator else "cpu").to(device)
 
 
 def check_image(image: Tensor, n: int, channels: int, size: tuple[int, int], what: str,

@@ -9,13 +9,12 @@ Every key, type and value is checked at load (`--set` overrides too): an unknown
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,7 +26,7 @@ from ..models import MODELS, model_config
 from ..parametrization import PREDICTION_TYPES
 from ..samplers import SAMPLERS
 from ..schedules import BETA_SCHEDULES, SIGMA_GRIDS
-from ..validation import did_you_mean, type_problem
+from ..validation import Check, at_least, did_you_mean, finite, one_of, positive, type_problem, within
 
 
 @dataclass
@@ -166,30 +165,6 @@ class AutoencoderTrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
-
-
-Check = Callable[[Any], "str | None"]  # a value of the right type -> None, or 'must be ..., got ...'
-
-
-def one_of(names: Collection[Any]) -> Check:
-    """A check for membership in `names` (a registry dict is read when checking)."""
-    return lambda v: None if v in names else f"must be one of {sorted(names)}, got {v!r}{did_you_mean(v, names)}"
-
-
-def at_least(low: float) -> Check:
-    return lambda v: None if v >= low else f"must be >= {low}, got {v!r}"
-
-
-def within(low: float, high: float) -> Check:
-    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}], got {v!r}"
-
-
-def positive(v: float) -> str | None:
-    return None if 0 < v < math.inf else f"must be finite and > 0, got {v!r}"
-
-
-def finite(v: float) -> str | None:
-    return None if math.isfinite(v) else f"must be finite, got {v!r}"
 
 
 def beta_range(v: list[float] | None) -> str | None:

@@ -114,12 +114,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise CheckpointError(f"training checkpoint {path} is unreadable: {e}") from e
 
 
-def load_checkpoint(path: Path | tuple[dict[str, Any], dict[str, Tensor]], modules: dict[str, nn.Module],
+def load_checkpoint(meta: dict[str, Any], tensors: dict[str, Tensor], modules: dict[str, nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
                     scaler: Any = None) -> Progress:
-    """Restore everything `save_checkpoint` wrote (from a folder, or what `read_checkpoint` read of one);
-    returns the progress to continue from."""
-    meta, tensors = read_checkpoint(path) if isinstance(path, Path) else path
+    """Restore everything `save_checkpoint` wrote, from what `read_checkpoint` read of it; returns the
+    progress to continue from."""
     for name, module in modules.items():
         device = next(module.parameters()).device
         state = {k[len(name) + 1:]: v.to(device) for k, v in tensors.items() if k.startswith(name + ".")}
@@ -202,7 +201,7 @@ class RunFolder:
             if changes and not force:
                 raise ValueError(f"cannot resume {path} with other settings ({'; '.join(changes)}); pass --force to "
                                  "resume anyway, --no-resume to start afresh, or set another train.out_dir")
-            progress = load_checkpoint((meta, tensors), modules, optimizers, generator, scaler)
+            progress = load_checkpoint(meta, tensors, modules, optimizers, generator, scaler)
             if self.main:
                 print(f"resuming from {path} (step {progress.step})")
             break
