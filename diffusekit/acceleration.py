@@ -12,6 +12,18 @@ import torch
 from .pipelines.common import Pipeline
 
 
+def native_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The low precision `device` computes natively, where it is the faster choice: bfloat16 on CPUs with
+    AVX512-BF16 or AMX (about 2x float32 there) and on CUDA GPUs that support it; None (float32) elsewhere,
+    e.g. on CPUs whose oneDNN would only emulate bf16."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    else:
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native else None
+
+
 def accelerate(pipe: Pipeline, *, dtype: torch.dtype | None = None, channels_last: bool = False,
                compile: bool = False) -> Pipeline:
     """Convert `pipe`'s network in place and return the pipeline.

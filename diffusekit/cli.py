@@ -49,7 +49,7 @@ BUNDLED = {"mnist": ASSETS / "mnist_unet", "mnist14": ASSETS / "mnist_unet_14", 
 UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)
 SPACINGS = ("leading", "trailing", "linspace", *SIGMA_GRIDS)  # diffusers' timestep spacings, then noise-level grids
 VARIANCES = ("small", "large", "learned")  # DDPM's posterior variances
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype: the network's compute precision
+DTYPES = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype: network precision
 SAVED: dict[str, Any] = {  # the `sample` options each PNG records and --from-png restores, with their types
     "model": str, "labels": list[int] | None, "prompt": list[str] | None, "negative": list[str] | None, "n": int,
     "seed": int, "sampler": str, "steps": int, "cfg": float, "spacing": str | None, "eta": float | None,
@@ -251,21 +251,29 @@ def task_inputs(args: argparse.Namespace, pipe) -> dict[str, Any]:
     return inputs
 
 
+def load(folder: Path, args: argparse.Namespace, **kw: Any) -> Any:
+    """load_pipeline on args.device in args.dtype (resolving 'auto' in args to the precision used: bf16 where
+    the device computes it natively, else fp32), torch.compiled with args.compile."""
+    from .acceleration import accelerate, native_dtype
+    from .pipelines.common import load_pipeline
+
+    if args.dtype == "auto":
+        args.dtype = "bf16" if native_dtype(args.device) == torch.bfloat16 else "fp32"
+    pipe = load_pipeline(folder, args.device, **kw)
+    return accelerate(pipe, dtype=DTYPES[args.dtype], compile=getattr(args, "compile", False))
+
+
 def sample(args: argparse.Namespace) -> None:
     """Generate a labelled grid and its single images from a model folder (or a bundled model's name), each PNG
     recording in a text chunk the parameters that reproduce it (--from-png). Without --out they are written
     to OUTDIR/NNNNN-SEED.png (the next free number NNNNN) and OUTDIR/NNNNN-SEED/000.png, 001.png, ...; with
     --out to OUT and to the folder OUT without its suffix, refused if either exists unless --overwrite."""
-    from .pipelines.common import generate, load_pipeline
+    from .pipelines.common import generate
 
     check_out(args)
     sampler_kw = sampler_options(args)
     folder = model_folder(args.model)
-    pipe = load_pipeline(folder, args.device, text_encoder=args.text_encoder)
-    if args.dtype != "fp32" or args.compile:
-        from .acceleration import accelerate
-
-        accelerate(pipe, dtype=DTYPES[args.dtype], compile=args.compile)
+    pipe = load(folder, args, text_encoder=args.text_encoder)
     check_conditions(args, pipe)
     inputs = task_inputs(args, pipe)
     args.height, args.width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
@@ -278,7 +286,7 @@ def sample(args: argparse.Namespace) -> None:
               cfg_scale=args.cfg, spacing=args.spacing, upsample_guidance=args.upsample_guidance, ug_eta=args.ug_eta,
               generator=torch.Generator().manual_seed(args.seed), progress=True, **sampler_kw)
     if args.refiner:  # the base model runs the schedule up to --refiner-start, the refiner the rest
-        refiner = load_pipeline(model_folder(args.refiner), args.device)
+        refiner = load(model_folder(args.refiner), args)
         z = generate(pipe, len(own), **inputs, **kw, denoising_end=args.refiner_start, output="latent")
         images = generate(refiner, len(own), **kw, denoising_start=args.refiner_start, latents=z)
     else:
@@ -304,9 +312,7 @@ def evaluate(args: argparse.Namespace) -> None:
     features = ev.inception_features(args.inception) if args.inception else None
     real, _ = ev.load_images(args.real, args.resolution)
     if args.model:
-        from .pipelines.common import load_pipeline
-
-        pipe = load_pipeline(model_folder(args.model), args.device)
+        pipe = load(model_folder(args.model), args)
         images, labels = ev.sample_classes(pipe, args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
                                            cfg_scale=args.cfg, progress=True)
     elif args.fake:
@@ -340,6 +346,14 @@ def version() -> str:
         return __version__
 
 
+def dtype_option(p: argparse.ArgumentParser) -> None:
+    """--dtype, the network's compute precision (the sampler's state and update math stay float32)."""
+    p.add_argument("--dtype", default="auto", type=one_of("dtype", DTYPES),
+                   help="the network's compute precision; auto is bf16 where the device computes it natively "
+                        "(CPUs with AVX512-BF16 / AMX: ~2x float32, the same class accuracy; see BENCHMARKS.md), "
+                        "else fp32")
+
+
 def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     """The options of `sample` and of its task variants (img2img, inpaint, upscale)."""
     p.add_argument("--from-png", metavar="PNG", help="rerun the run that wrote this PNG (its grid or one of its "
@@ -371,8 +385,7 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification in the grid")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--dtype", default="fp32", type=one_of("dtype", DTYPES),
-                   help="the network's compute precision: bf16 is ~2x faster on CPUs with AVX512-BF16 / AMX")
+    dtype_option(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for long runs)")
     p.add_argument("--refiner", metavar="MODEL", help="a second model (SDXL refiner) that finishes the schedule")
     p.add_argument("--refiner-start", type=unit_float, default=0.8,
@@ -440,6 +453,7 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cpu", help="torch device")
+    dtype_option(p)
     p.add_argument("--inception", help="FID Inception weights (.pth read weights-only, or .safetensors) for "
                                        "Inception features instead of MNIST ones")
     p.add_argument("--train-classifier", action="store_true", help="train and save the MNIST feature classifier")

@@ -6,10 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusekit.acceleration import native_dtype
 from diffusekit.cli import BUNDLED, main, make_parser, version
 from diffusekit.images import read_parameters, save_image
 
 SAMPLE = ["sample", "--steps", "2", "--n", "1", "--labels", "3,5"]
+AUTO = "bf16" if native_dtype("cpu") == torch.bfloat16 else "fp32"  # what --dtype auto (the default) runs here
 
 
 def pixels(path) -> np.ndarray:
@@ -65,7 +67,7 @@ def test_pngs_record_their_parameters(tmp_path):
                     "prompt": None, "negative": None, "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "spacing": "trailing", "eta": None, "variance": None, "upsample_guidance": None, "ug_eta": 1.0,
                     "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "strength": None,
-                    "text_encoder": None, "refiner": None, "refiner_start": 0.8, "dtype": "fp32", "device": "cpu",
+                    "text_encoder": None, "refiner": None, "refiner_start": 0.8, "dtype": AUTO, "device": "cpu",
                     "diffusekit": version()}
     assert read_parameters(tmp_path / "grid" / "001.png") == {**grid, "image": {"index": 1, "label": 5}}
     assert pixels(tmp_path / "grid" / "001.png").shape == (28, 28)
@@ -170,7 +172,18 @@ def test_a_refiner_finishes_what_the_base_model_started(tmp_path):
 
 def test_bf16_from_the_command_line_is_recorded_and_close_to_fp32(tmp_path):
     main(SAMPLE + ["--steps", "10", "--dtype", "bf16", "--out", str(tmp_path / "bf16.png")])
-    main(SAMPLE + ["--steps", "10", "--out", str(tmp_path / "fp32.png")])
+    main(SAMPLE + ["--steps", "10", "--dtype", "fp32", "--out", str(tmp_path / "fp32.png")])
     assert read_parameters(tmp_path / "bf16.png")["dtype"] == "bf16"
     difference = np.abs(pixels(tmp_path / "bf16.png").astype(float) - pixels(tmp_path / "fp32.png")).mean()
     assert 0 < difference < 10  # of 255: rounded differently, the same digits
+
+
+@pytest.mark.parametrize("native", [torch.bfloat16, None])
+def test_auto_dtype_runs_the_devices_native_precision(tmp_path, monkeypatch, native):
+    monkeypatch.setattr("diffusekit.acceleration.native_dtype", lambda device: native)
+    seen = []
+    monkeypatch.setattr("diffusekit.acceleration.accelerate", lambda pipe, dtype, compile: seen.append(dtype) or pipe)
+    main(SAMPLE + ["--out", str(tmp_path / "auto.png")])
+    assert seen == [native] and read_parameters(tmp_path / "auto.png")["dtype"] == ("bf16" if native else "fp32")
+    main(SAMPLE + ["--dtype", "fp32", "--out", str(tmp_path / "fp32.png")])
+    assert seen == [native, None]

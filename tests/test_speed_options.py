@@ -1,12 +1,14 @@
 """The speed switches of `diffusekit.acceleration.accelerate` compute what the default float32 pipeline computes:
 channels_last and torch.compile to float32 rounding, bf16 close to it and drawing the requested digits."""
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from diffusekit.acceleration import accelerate
+from diffusekit.acceleration import accelerate, native_dtype
 from diffusekit.cli import BUNDLED
 from diffusekit.evaluation import class_accuracy, load_mnist_classifier
 from diffusekit.pipelines.common import generate, load_pipeline
@@ -54,3 +56,10 @@ def test_compile_is_the_float32_function():
     ref = eps(pipe, x, t)
     accelerate(pipe, compile=True)
     assert torch.allclose(eps(pipe, x, t), ref, atol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the Linux CPU flags")
+def test_native_dtype_follows_the_cpu_flags():
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    assert native_dtype("cpu") == (torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else None)
+    assert native_dtype("meta") is None

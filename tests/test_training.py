@@ -192,6 +192,18 @@ def test_bf16_autocast_accumulation_offset_noise_and_flow_targets(tmp_path):
     assert (tmp_path / "samples" / "step_0000030.png").is_file()
 
 
+@pytest.mark.parametrize("native", [torch.bfloat16, None])
+def test_auto_mixed_precision_is_bf16_where_the_device_computes_it_natively(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(loop, "native_dtype", lambda device: native)
+    losses = {}
+    for precision in ("auto", "bf16", "no"):
+        loop.train(tiny("mnist_unet.toml", tmp_path / precision, "train.steps=2", "train.log_every=1",
+                        f"train.mixed_precision='{precision}'"))
+        losses[precision] = [r["loss"] for r in log(tmp_path / precision)]
+    same, other = ("bf16", "no") if native else ("no", "bf16")
+    assert losses["auto"] == losses[same] and losses["auto"] != losses[other]
+
+
 def test_one_source_of_diffusion_settings():
     from dataclasses import fields
 

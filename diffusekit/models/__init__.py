@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..validation import ConfigError, did_you_mean, type_problem
 from .autoencoder import AutoencoderKL, VQAutoencoder
@@ -39,8 +41,22 @@ def model_config(model_type: str, config: Mapping[str, Any] | Any, source: str =
     return cls(**config)
 
 
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init does nothing: on the meta device there are no values to initialise (the weights are loaded
+    next), and meta tensors would route each init through torch._refs, whose first use imports torch._dynamo
+    (over a second of a command's start-up)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":  # init.f(tensor, ...) returns its tensor
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build(model_type: str, config: Mapping[str, Any] | Any, device: str | torch.device = "cpu") -> nn.Module:
-    """Construct a model of a registered type from its config (dataclass or dict, see `model_config`) on `device`."""
+    """Construct a model of a registered type from its config (dataclass or dict, see `model_config`) on `device`
+    (on the meta device without initialising its weights)."""
     config = model_config(model_type, config)
-    with torch.device(device):
+    skip_init = _SkipInit() if torch.device(device).type == "meta" else contextlib.nullcontext()
+    with torch.device(device), skip_init:
         return MODELS[model_type](config)

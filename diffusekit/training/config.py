@@ -115,7 +115,7 @@ class DiffusionTrainSection(TrainSection):
     grad_accum: int = 1
     betas: tuple[float, float] = (0.9, 0.999)
     ema_decay: float = 0.999
-    mixed_precision: str = "no"  # no, bf16, fp16
+    mixed_precision: str = "no"  # no, bf16, fp16, auto (bf16 where the device computes it natively, else no)
     compile: bool = False
 
 
@@ -209,7 +209,7 @@ CHECKS: dict[str, Check] = {  # by full key, after the type check against the an
     "train.weight_decay": at_least(0),
     "train.grad_clip": at_least(0),
     "train.ema_decay": within(0, 1),
-    "train.mixed_precision": one_of(("no", "bf16", "fp16")),
+    "train.mixed_precision": one_of(("no", "bf16", "fp16", "auto")),
     "train.device": device_name,
     "sample.sampler": one_of(SAMPLERS),
     "sample.steps": at_least(1),

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..acceleration import native_dtype
 from ..checkpoints import from_pretrained
 from ..models import build
 from ..conditioning import load_text_encoder
@@ -121,6 +122,13 @@ class Trainer:
     export: Callable[[Path], Path]  # write the model folder from the current weights
     images_per_step: int  # global images per optimizer step (for img/s)
     scaler: Any = None
+
+
+def autocast_enabled(mixed_precision: str, device: torch.device) -> bool:
+    """Whether the trainer autocasts: 'bf16' / 'fp16' always, 'auto' where `device` computes bf16 natively."""
+    if mixed_precision == "auto":
+        return native_dtype(device) == torch.bfloat16
+    return mixed_precision != "no"
 
 
 def learning_rate(cfg: TrainConfig | AutoencoderTrainConfig, step: int) -> float:
@@ -266,7 +274,7 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
         model = torch.compile(model)
     denoiser = D.denoiser(model, pipe.schedule)
     autocast = torch.autocast(device.type, dtype=torch.float16 if T.mixed_precision == "fp16" else torch.bfloat16,
-                              enabled=T.mixed_precision != "no")
+                              enabled=autocast_enabled(T.mixed_precision, device))
     keys = pipe.conditioner.keys
 
     def moments(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
