@@ -78,6 +78,18 @@ def checked(parse: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
 positive_int, finite_float, unit_float = checked(int, at_least(1)), checked(float, finite), checked(float, within(0, 1))
 
 
+def device_name(text: str) -> str:
+    """argparse type: a torch device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} ({e})") from None
+    backend = getattr(torch, device.type, None)
+    if device.type not in ("cpu", "meta") and not (backend and backend.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine (torch {torch.__version__})")
+    return text
+
+
 def ug_weight(text: str) -> float:
     """argparse type: an Upsample Guidance weight, -1 (off) or in [0, UG_MAX]."""
     value = float(text)
@@ -384,7 +396,7 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                    help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification in the grid")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default="cpu", type=device_name, help="torch device (cpu, cuda, cuda:1, mps, ...)")
     dtype_option(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for long runs)")
     p.add_argument("--refiner", metavar="MODEL", help="a second model (SDXL refiner) that finishes the schedule")
@@ -452,7 +464,7 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
                    help="sampling steps (dpmpp_2m needs 20 for the class accuracy of 50 DDIM steps)")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default="cpu", type=device_name, help="torch device (cpu, cuda, cuda:1, mps, ...)")
     dtype_option(p)
     p.add_argument("--inception", help="FID Inception weights (.pth read weights-only, or .safetensors) for "
                                        "Inception features instead of MNIST ones")

@@ -185,6 +185,17 @@ def test_conditions_the_model_would_ignore_are_refused(tmp_path, capsys, no_samp
     assert "--labels" in message and "unconditional" in message
 
 
+@pytest.mark.parametrize("device, problem", [("gpu", "unknown device 'gpu'"),
+                                            ("cuda", "not available on this machine"),
+                                            ("mps", "not available on this machine")])
+def test_a_device_the_machine_lacks_is_refused(device, problem, capsys, no_sampling):
+    if device != "gpu" and getattr(torch, device).is_available():
+        pytest.skip(f"this machine has {device}")
+    for command in (SAMPLE, ["eval", "--model", "mnist"]):
+        message = fails(command + ["--device", device], capsys)
+        assert "--device" in message and problem in message
+
+
 def test_interrupted_training_says_where_it_stopped(monkeypatch, capsys):
     def interrupted(cfg, resume=True, force=False):
         raise KeyboardInterrupt("stopped at step 7; checkpoint saved, run again to resume")
