@@ -376,8 +376,9 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     p.add_argument("--prompt", action=Rows, help="prompt (text-conditional models; repeat for rows)")
     p.add_argument("--negative", action=Rows, help="negative prompt (one, or one per prompt row)")
     p.add_argument("--n", type=positive_int, default=8, help="images per label / prompt (grid columns)")
-    p.add_argument("--sampler", default="ddim", type=one_of("sampler", SAMPLERS), help=sampler_help)
-    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default="dpmpp_2m", type=one_of("sampler", SAMPLERS), help=sampler_help)
+    p.add_argument("--steps", type=positive_int, default=20,
+                   help="sampling steps (dpmpp_2m's 20 match 50 DDIM steps on the bundled model: BENCHMARKS.md)")
     p.add_argument("--spacing", type=one_of("spacing", SPACINGS),
                    help=f"timestep spacing: {', '.join(SPACINGS)}; if not given, the model's default")
     p.add_argument("--eta", type=unit_float,

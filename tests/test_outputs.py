@@ -10,7 +10,7 @@ from diffusekit.acceleration import native_dtype
 from diffusekit.cli import BUNDLED, main, make_parser, version
 from diffusekit.images import read_parameters, save_image
 
-SAMPLE = ["sample", "--steps", "2", "--n", "1", "--labels", "3,5"]
+SAMPLE = ["sample", "--sampler", "ddim", "--steps", "2", "--n", "1", "--labels", "3,5"]
 AUTO = "bf16" if native_dtype("cpu") == torch.bfloat16 else "fp32"  # what --dtype auto (the default) runs here
 
 
