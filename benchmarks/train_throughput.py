@@ -5,10 +5,10 @@ compared before timing); each round times `--steps` AdamW training steps of each
 the ratio of images per second is reported (median over rounds).
 
     python benchmarks/train_throughput.py --config configs/mnist_unet.toml --steps 10 --rounds 5
-    python benchmarks/train_throughput.py --config configs/mnist_unet.toml --steps 10 --rounds 5 --mixed-precision bf16
+    python benchmarks/train_throughput.py --config configs/mnist_unet.toml --steps 10 --rounds 5 --mixed-precision no
 
-`--mixed-precision bf16` runs our step under the trainer's `train.mixed_precision = "bf16"` autocast
-(diffusers stays float32, the reference).
+Our step autocasts as the trainer would with the config's `train.mixed_precision` (`--mixed-precision`
+overrides it; `auto` is bf16 where the CPU computes it natively); diffusers stays float32, the reference.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from diffusekit.denoisers import NetworkDenoiser
 from diffusekit.interop.diffusers_unet import unet_state_from_diffusers
 from diffusekit.schedules import VPSchedule
 from diffusekit.training.config import load_config
+from diffusekit.training.loop import autocast_enabled
 
 
 def diffusers_twin(c: dict, resolution: int):
@@ -60,7 +61,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast of our step, as the trainer")
+    ap.add_argument("--mixed-precision", choices=["no", "bf16", "auto"],
+                    help="autocast of our step, as the trainer (default: the config's train.mixed_precision)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,8 +89,11 @@ def main() -> None:
     opt_ours = torch.optim.AdamW(ours.parameters(), 1e-4)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), 1e-4)
 
-    autocast = (torch.autocast("cpu", torch.bfloat16) if args.mixed_precision == "bf16"
-                else contextlib.nullcontext())
+    precision = args.mixed_precision or cfg.train.mixed_precision
+    if autocast_enabled(precision, torch.device("cpu")):
+        precision, autocast = "bf16", torch.autocast("cpu", torch.bfloat16)
+    else:
+        precision, autocast = "no", contextlib.nullcontext()
 
     def step_ours():  # the trainer's loss path: parametrization, network, MSE
         opt_ours.zero_grad(set_to_none=True)
@@ -111,7 +116,7 @@ def main() -> None:
     med = statistics.median(ratios)
     ours_rate, theirs_rate = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
     print(f"{args.config}: {n_params / 1e6:.2f}M parameters, batch {args.batch}, {res}x{res}, "
-          f"{torch.get_num_threads()} threads, ours with mixed precision {args.mixed_precision}; outputs agree to {diff:.1e}")
+          f"{torch.get_num_threads()} threads, ours with mixed precision {precision}; outputs agree to {diff:.1e}")
     print(f"diffusekit {ours_rate:.1f} img/s, diffusers {theirs_rate:.1f} img/s, "
           f"speed ratio ours/diffusers = {med:.3f} (median of {args.rounds} rounds: {[round(r, 3) for r in ratios]})")
 
