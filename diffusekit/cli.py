@@ -17,7 +17,7 @@ from torch import Tensor
 from .evaluation import ASSETS
 from .samplers import SAMPLERS, get_sampler
 from .schedules import BETA_SCHEDULES, SIGMA_GRIDS, make_schedule
-from .validation import Check, at_least, did_you_mean, finite, type_problem, within
+from .validation import Check, at_least, available_device, did_you_mean, finite, type_problem, within
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -76,18 +76,7 @@ def checked(parse: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
 
 
 positive_int, finite_float, unit_float = checked(int, at_least(1)), checked(float, finite), checked(float, within(0, 1))
-
-
-def device_name(text: str) -> str:
-    """argparse type: a torch device this machine has."""
-    try:
-        device = torch.device(text)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} ({e})") from None
-    backend = getattr(torch, device.type, None)
-    if device.type not in ("cpu", "meta") and not (backend and backend.is_available()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine (torch {torch.__version__})")
-    return text
+device_name = checked(str, available_device)
 
 
 def ug_weight(text: str) -> float:

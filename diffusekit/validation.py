@@ -83,3 +83,17 @@ def positive(v: float) -> str | None:
 def finite(v: float) -> str | None:
     """A check for values that are neither nan nor inf."""
     return None if math.isfinite(v) else f"must be finite, got {v!r}"
+
+
+def available_device(name: str) -> str | None:
+    """A check for torch device names this machine has (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        return f"must be a torch device, got {name!r} ({e})"
+    backend = getattr(torch, device.type, None)
+    if device.type not in ("cpu", "meta") and not (backend and backend.is_available()):
+        return f"must be a device this machine has, got {name!r} (torch {torch.__version__})"
+    return None

@@ -185,9 +185,9 @@ def test_conditions_the_model_would_ignore_are_refused(tmp_path, capsys, no_samp
     assert "--labels" in message and "unconditional" in message
 
 
-@pytest.mark.parametrize("device, problem", [("gpu", "unknown device 'gpu'"),
-                                            ("cuda", "not available on this machine"),
-                                            ("mps", "not available on this machine")])
+@pytest.mark.parametrize("device, problem", [("gpu", "must be a torch device, got 'gpu'"),
+                                            ("cuda", "must be a device this machine has"),
+                                            ("mps", "must be a device this machine has")])
 def test_a_device_the_machine_lacks_is_refused(device, problem, capsys, no_sampling):
     if device != "gpu" and getattr(torch, device).is_available():
         pytest.skip(f"this machine has {device}")
