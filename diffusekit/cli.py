@@ -264,6 +264,32 @@ def load(folder: Path, args: argparse.Namespace, **kw: Any) -> Any:
     return accelerate(pipe, dtype=DTYPES[args.dtype], compile=getattr(args, "compile", False))
 
 
+def plan(args: argparse.Namespace, pipe) -> tuple[dict[str, Any], dict[str, Any], list[str] | None,
+                                                  list[dict[str, Any]]]:
+    """Check `sample`'s options against the loaded model and resolve them (size, labels): generate's task
+    inputs (image, mask, low_res) and its other keywords but the generator, the grid's row labels, and each
+    image's own condition. Raises ValueError for what the model cannot do, before any sampling."""
+    from .pipelines.common import check_inputs
+
+    sampler_kw = sampler_options(args)
+    check_conditions(args, pipe)
+    inputs = task_inputs(args, pipe)
+    args.height, args.width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
+    conditions, rows, own = batch(args, pipe)
+    check_inputs(pipe, len(own), args.height, args.width, inputs.get("image"), inputs.get("mask"),
+                 inputs.get("low_res"), args.upsample_guidance)
+    kw = dict(**conditions, height=args.height, width=args.width, sampler=args.sampler, steps=args.steps,
+              cfg_scale=args.cfg, spacing=args.spacing, upsample_guidance=args.upsample_guidance, ug_eta=args.ug_eta,
+              **sampler_kw)
+    return inputs, kw, rows, own
+
+
+def recorded(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The parameters each PNG of a run records: `sample`'s options (SAVED), which --from-png restores."""
+    return {**{k: getattr(args, k, None) for k in SAVED}, "model_path": str(Path(folder).resolve()),
+            "device": args.device, "diffusekit": version()}
+
+
 def sample(args: argparse.Namespace) -> None:
     """Generate a labelled grid and its single images from a model folder (or a bundled model's name), each PNG
     recording in a text chunk the parameters that reproduce it (--from-png). Without --out they are written
@@ -272,29 +298,22 @@ def sample(args: argparse.Namespace) -> None:
     from .pipelines.common import generate
 
     check_out(args)
-    sampler_kw = sampler_options(args)
+    sampler_options(args)
     folder = model_folder(args.model)
     pipe = load(folder, args, text_encoder=args.text_encoder)
-    check_conditions(args, pipe)
-    inputs = task_inputs(args, pipe)
-    args.height, args.width = args.height or pipe.resolution[0], args.width or pipe.resolution[1]
-    conditions, rows, own = batch(args, pipe)
+    inputs, kw, rows, own = plan(args, pipe)
     if args.upsample_guidance is None and (args.height > pipe.resolution[0] or args.width > pipe.resolution[1]):
         print(f"hint: the model was trained at {pipe.resolution[0]}x{pipe.resolution[1]}; for larger images try "
               f"--upsample-guidance 0.2 (Upsample Guidance, no training needed)")
     t0 = time.perf_counter()
-    kw = dict(**conditions, height=args.height, width=args.width, sampler=args.sampler, steps=args.steps,
-              cfg_scale=args.cfg, spacing=args.spacing, upsample_guidance=args.upsample_guidance, ug_eta=args.ug_eta,
-              generator=torch.Generator().manual_seed(args.seed), progress=True, **sampler_kw)
+    kw.update(generator=torch.Generator().manual_seed(args.seed), progress=True)
     if args.refiner:  # the base model runs the schedule up to --refiner-start, the refiner the rest
         refiner = load(model_folder(args.refiner), args)
         z = generate(pipe, len(own), **inputs, **kw, denoising_end=args.refiner_start, output="latent")
         images = generate(refiner, len(own), **kw, denoising_start=args.refiner_start, latents=z)
     else:
         images = generate(pipe, len(own), **inputs, **kw)
-    parameters = {**{k: getattr(args, k, None) for k in SAVED}, "model_path": str(Path(folder).resolve()),
-                  "device": args.device, "diffusekit": version()}
-    path = write_outputs(images, args, rows, own, parameters)
+    path = write_outputs(images, args, rows, own, recorded(args, folder))
     print(f"{len(own)} images of {args.height}x{args.width} in {time.perf_counter() - t0:.1f} s -> {path} "
           f"and {path.with_suffix('')}{os.sep}")
 
@@ -337,6 +356,17 @@ def train(args: argparse.Namespace) -> None:
         print(f"model written to {model}")
 
 
+def serve(args: argparse.Namespace) -> None:
+    """Serve a web UI (the page at /) and its JSON API (/api/..., schema at /openapi.json) for the models, one
+    job at a time on --device: generate, img2img, inpaint with a painted mask, upscale, Upsample Guidance, live
+    previews. Results are written to OUTDIR as `sample` writes them, so --from-png reruns them."""
+    try:
+        from .server import serve as run
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+    run(args)
+
+
 def version() -> str:
     """The installed package's version (the source tree's when it is not installed)."""
     try:
@@ -347,8 +377,9 @@ def version() -> str:
         return __version__
 
 
-def dtype_option(p: argparse.ArgumentParser) -> None:
-    """--dtype, the network's compute precision (the sampler's state and update math stay float32)."""
+def device_options(p: argparse.ArgumentParser) -> None:
+    """--device, and --dtype, the network's compute precision (the sampler's state and update math stay float32)."""
+    p.add_argument("--device", default="cpu", type=device_name, help="torch device (cpu, cuda, cuda:1, mps, ...)")
     p.add_argument("--dtype", default="auto", type=one_of("dtype", DTYPES),
                    help="the network's compute precision; auto is bf16 where the device computes it natively "
                         "(CPUs with AVX512-BF16 / AMX: ~2x float32, the same class accuracy; see BENCHMARKS.md), "
@@ -386,8 +417,7 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                    help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification in the grid")
-    p.add_argument("--device", default="cpu", type=device_name, help="torch device (cpu, cuda, cuda:1, mps, ...)")
-    dtype_option(p)
+    device_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for long runs)")
     p.add_argument("--refiner", metavar="MODEL", help="a second model (SDXL refiner) that finishes the schedule")
     p.add_argument("--refiner-start", type=unit_float, default=0.8,
@@ -432,14 +462,15 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
         p = command(name, sample, help)
         sample_options(p, sampler_help)
         if name in ("img2img", "inpaint"):
-            p.add_argument("--image", dest="input_image", required=not saved,
+            p.add_argument("--image", dest="input_image", required=saved is None,
                            help="input image (PNG, JPEG, ...): its size is the output's")
             p.add_argument("--strength", type=unit_float, default=0.6 if name == "img2img" else 1.0,
                            help="how far down the schedule the input is noised: 1 starts from pure noise")
         if name == "inpaint":
-            p.add_argument("--mask", required=not saved, help="mask image of the same size: white is regenerated")
+            p.add_argument("--mask", required=saved is None, help="mask image of the same size: white is regenerated")
         if name == "upscale":
-            p.add_argument("--image", dest="input_image", required=not saved, help="the low-resolution image to upscale")
+            p.add_argument("--image", dest="input_image", required=saved is None,
+                           help="the low-resolution image to upscale")
             p.set_defaults(model="mnist_sr")
         p.set_defaults(**(saved or {}))
 
@@ -454,12 +485,25 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
                    help="sampling steps (dpmpp_2m needs 20 for the class accuracy of 50 DDIM steps)")
     p.add_argument("--cfg", type=finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="cpu", type=device_name, help="torch device (cpu, cuda, cuda:1, mps, ...)")
-    dtype_option(p)
+    device_options(p)
     p.add_argument("--inception", help="FID Inception weights (.pth read weights-only, or .safetensors) for "
                                        "Inception features instead of MNIST ones")
     p.add_argument("--train-classifier", action="store_true", help="train and save the MNIST feature classifier")
     p.add_argument("--classifier-steps", type=positive_int, default=2000, help="training steps of the classifier")
+
+    p = command("serve", serve, "a web UI and HTTP API for the models (generate, img2img, inpaint, upscale)")
+    p.add_argument("--model", action="append", help="a model folder or bundled name (repeat to serve several); "
+                                                    f"if not given, the bundled ones: {', '.join(BUNDLED)}")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes the "
+                                                       "server, which has no authentication)")
+    p.add_argument("--port", type=checked(int, within(1, 65535)), default=8000, help="port")
+    device_options(p)
+    p.add_argument("--outdir", default="out/serve", help="results (as `sample` writes them) and uploaded inputs")
+    p.add_argument("--max-steps", type=positive_int, default=100, help="the most sampling steps a request may ask")
+    p.add_argument("--max-images", type=positive_int, default=64, help="the most images one request may ask")
+    p.add_argument("--max-side", type=checked(int, at_least(0)), default=0,
+                   help="the largest image side a request may ask; 0: 8x the largest training side")
+    p.add_argument("--max-queue", type=positive_int, default=32, help="the most jobs waiting; more get HTTP 429")
 
     p = command("train", train, "train a diffusion model (see configs/)")
     p.add_argument("config", help="TOML or YAML config file")
@@ -467,6 +511,12 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start afresh even if the run has checkpoints")
     p.add_argument("--force", action="store_true", help="resume even with settings that differ from the checkpoint's")
     return parser
+
+
+def sample_arguments(command: str = "sample", **options: Any) -> argparse.Namespace:
+    """The options of `sample` or of a task variant (img2img, inpaint, upscale) as the command line would
+    parse them: its defaults, overridden by `options` (given as parsed values, not checked)."""
+    return make_parser(options).parse_args([command])
 
 
 def main(argv: list[str] | None = None) -> None:

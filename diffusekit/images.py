@@ -135,6 +135,12 @@ def save_grid(x: Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] 
               scale: int = 1, pad: int = 2, parameters: dict[str, Any] | None = None) -> Path:
     """Write images [N, C, H, W] in [-1, 1] as a grid of rows of `nrow`, optionally labelled on the left and
     with their generation parameters (PNG)."""
+    return _save(grid_image(x, nrow, row_labels, scale, pad), path, parameters)
+
+
+def grid_image(x: Tensor, nrow: int, row_labels: Sequence[str] | None = None, scale: int = 1,
+               pad: int = 2) -> Image.Image:
+    """Images [N, C, H, W] in [-1, 1] as one RGB image: rows of `nrow`, optionally labelled on the left."""
     tiles = [im.convert("RGB") for im in to_pil(x)]
     if scale != 1:
         tiles = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in tiles]
@@ -148,4 +154,4 @@ def save_grid(x: Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] 
         grid.paste(tile, (margin + pad + c * (w + pad), pad + r * (h + pad)))
     for r, label in enumerate(row_labels or []):
         draw.text((4, pad + r * (h + pad) + h // 2 - 5), label, fill="black")
-    return _save(grid, path, parameters)
+    return grid

@@ -59,7 +59,7 @@ def test_sample_above_the_trained_size_hints_at_and_uses_upsample_guidance(tiny_
               "--out", str(tmp_path / "d.png")])
 
 
-@pytest.mark.parametrize("command", ["sample", "img2img", "inpaint", "upscale", "eval", "train", "demo"])
+@pytest.mark.parametrize("command", ["sample", "img2img", "inpaint", "upscale", "eval", "train", "demo", "serve"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

@@ -83,11 +83,15 @@ class Pipeline:
     def denoiser(self) -> NetworkDenoiser:
         return self.settings.denoiser(self.net, self.schedule)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this (the network's and the autoencoder's downsampling)."""
+        return getattr(self.net, "downsample_factor", 1) * self.factor
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape (C, h, w) of the diffusion state for an image of height x width."""
-        net_factor = getattr(self.net, "downsample_factor", 1) * self.factor
-        if height % net_factor or width % net_factor:
-            raise ValueError(f"image size {height}x{width} must be divisible by {net_factor} for this model")
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"image size {height}x{width} must be divisible by {self.size_multiple} for this model")
         c = self.autoencoder.config.latent_channels if self.autoencoder is not None else self.channels
         return c, height // self.factor, width // self.factor
 
@@ -149,32 +153,23 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     H, W = height or pipe.resolution[0], width or pipe.resolution[1]
-    shape = pipe.latent_shape(H, W)
+    shape, image, mask, low_res = check_inputs(pipe, n, H, W, image, mask, low_res, upsample_guidance)
     size = tuple(original_size or target_size or (H, W))
     cond = pipe.conditioner(n, labels, prompts, size=tuple(target_size or (H, W)), device=pipe.device,
                             original_size=torch.tensor([size]).expand(n, 2),
                             crop_top_left=torch.tensor([crop_top_left]).expand(n, 2))
-    known = None
+    known = keep = None
     if image is not None:
-        image = check_image(image, n, pipe.channels, (H, W), "image").to(pipe.device)
+        image = image.to(pipe.device)
         known = pipe.encode(image)
-    keep = None
     if mask is not None:
-        if image is None:
-            raise ValueError("inpainting needs the image as well as the mask")
-        mask = check_mask(mask, n, (H, W)).to(pipe.device)
+        mask = mask.to(pipe.device)
         keep = 1 - F.max_pool2d(mask, pipe.factor)  # a latent pixel is known if all its pixels are
         if pipe.net.config.in_channels == 2 * shape[0] + 1:  # SD-inpainting form: noisy + mask + masked image
             masked = pipe.encode(image * (1 - mask))
             cond["concat"] = torch.cat([F.interpolate(mask, size=shape[1:]), masked], dim=1)
-    elif pipe.net.config.in_channels != shape[0] and not pipe.low_res_factor:
-        raise ValueError(f"this is an inpainting model ({pipe.net.config.in_channels} input channels): pass image and mask")
-    if (low_res is not None) != bool(pipe.low_res_factor):
-        raise ValueError("low_res is for super-resolution models, and they need it" if pipe.low_res_factor
-                         else "this model is not a super-resolution model: it takes no low_res")
     if low_res is not None:
-        f = pipe.low_res_factor
-        low_res = check_image(low_res, n, pipe.channels, (H // f, W // f), "low_res").to(pipe.device)
+        low_res = low_res.to(pipe.device)
         z = randn(low_res.shape, generator, pipe.device)
         cond["concat"] = low_res_condition(low_res, shape[1:], z, pipe.low_res_noise)
     denoiser: Denoiser = pipe.denoiser()
@@ -206,6 +201,33 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
             return z
         out = pipe.decode(z).float().clamp(-1, 1)
         return out if keep is None or pipe.autoencoder is not None else torch.where(keep.bool(), image, out)
+
+
+def check_inputs(pipe: Pipeline, n: int, height: int, width: int, image: Tensor | None = None,
+                 mask: Tensor | None = None, low_res: Tensor | None = None,
+                 upsample_guidance: float | None = None) -> tuple[tuple[int, int, int], Tensor | None,
+                                                                  Tensor | None, Tensor | None]:
+    """generate's checks of its inputs against the model, cheap enough to run before queueing the work: the
+    diffusion state's shape (C, h, w), and the image, mask and low-resolution input as n images each (or None).
+    Raises ValueError naming the problem (size not divisible, wrong channels, mask size, UG size, ...)."""
+    shape = pipe.latent_shape(height, width)
+    if image is not None:
+        image = check_image(image, n, pipe.channels, (height, width), "image")
+    if mask is not None:
+        if image is None:
+            raise ValueError("inpainting needs the image as well as the mask")
+        mask = check_mask(mask, n, (height, width))
+    elif pipe.net.config.in_channels != shape[0] and not pipe.low_res_factor:
+        raise ValueError(f"this is an inpainting model ({pipe.net.config.in_channels} input channels): pass image and mask")
+    if (low_res is not None) != bool(pipe.low_res_factor):
+        raise ValueError("low_res is for super-resolution models, and they need it" if pipe.low_res_factor
+                         else "this model is not a super-resolution model: it takes no low_res")
+    if low_res is not None:
+        f = pipe.low_res_factor
+        low_res = check_image(low_res, n, pipe.channels, (height // f, width // f), "low_res")
+    if upsample_guidance is not None:
+        upsample_factor(pipe, height, width)
+    return shape, image, mask, low_res
 
 
 def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
