@@ -347,3 +347,33 @@ def test_shutdown_cancels_the_running_and_the_waiting_jobs(tmp_path):
     jobs = app.state.server.queue.jobs
     assert (jobs[running].status, jobs[waiting].status) == ("cancelled", "cancelled")
     assert not app.state.server.queue.worker.is_alive() and time.perf_counter() - t0 < 1
+
+
+def test_fuzzed_requests_never_break_the_server(client):
+    """Random bodies (right and wrong types, extreme numbers, unknown keys, broken images) are answered 202
+    or 4xx with a message, never 5xx; accepted jobs are cancelled at once."""
+    st = pytest.importorskip("hypothesis.strategies")
+    from hypothesis import HealthCheck, given, settings
+
+    tiny = png(np.zeros((28, 28), np.uint8))
+    values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                       st.text(max_size=30), st.sampled_from(["txt2img", "inpaint", "upscale", "mnist", "mnist_sr",
+                                                              "euler", "data:image/png;base64,", tiny, "../x"]),
+                       st.lists(st.integers(0, 9), max_size=3), st.dictionaries(st.text(max_size=5), st.integers()))
+    keys = st.sampled_from(["task", "model", "prompt", "negative_prompt", "label", "n", "sampler", "steps", "cfg",
+                            "seed", "height", "width", "upsample_guidance", "ug_eta", "strength", "image", "mask",
+                            "bogus"])
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.dictionaries(keys, values, max_size=6))
+    def check(body):
+        r = client.post("/api/jobs", content=json.dumps(body, allow_nan=True),
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code in (202, 400, 413, 422, 429), (body, r.text)
+        if r.status_code == 202:
+            client.post(f"/api/jobs/{r.json()['id']}/cancel")
+        else:
+            assert r.json()["detail"]
+
+    check()
+    assert client.get("/api/models").status_code == 200
