@@ -496,7 +496,7 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
                                                     f"if not given, the bundled ones: {', '.join(BUNDLED)}")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes the "
                                                        "server, which has no authentication)")
-    p.add_argument("--port", type=checked(int, within(1, 65535)), default=8000, help="port")
+    p.add_argument("--port", type=checked(int, within(0, 65535)), default=8000, help="port (0: a free one)")
     device_options(p)
     p.add_argument("--outdir", default="out/serve", help="results (as `sample` writes them) and uploaded inputs")
     p.add_argument("--max-steps", type=positive_int, default=100, help="the most sampling steps a request may ask")
@@ -504,6 +504,8 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=checked(int, at_least(0)), default=0,
                    help="the largest image side a request may ask; 0: 8x the largest training side")
     p.add_argument("--max-queue", type=positive_int, default=32, help="the most jobs waiting; more get HTTP 429")
+    p.add_argument("--threads", type=checked(int, at_least(0)), default=0,
+                   help="torch threads for sampling (0: torch's default, all cores)")
 
     p = command("train", train, "train a diffusion model (see configs/)")
     p.add_argument("config", help="TOML or YAML config file")

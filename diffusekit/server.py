@@ -147,14 +147,14 @@ class JobQueue:
     """Jobs in submission order and the one worker thread that runs them; every field of a job is read and
     written under `lock`."""
 
-    def __init__(self, models: dict[str, Served], limits: Limits):
-        self.models, self.limits = models, limits
+    def __init__(self, models: dict[str, Served], limits: Limits, threads: int = 0):
+        self.models, self.limits, self.threads = models, limits, threads
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.jobs: dict[str, Job] = {}
         self.pending: deque[str] = deque()
         self.closed = False
-        self.worker = threading.Thread(target=self._work, name="diffusekit-worker", daemon=True)
+        self.worker = threading.Thread(target=self.work, name="diffusekit-worker", daemon=True)
 
     def start(self) -> None:
         self.worker.start()
@@ -210,16 +210,23 @@ class JobQueue:
                 else [], "grid": f"{url}/grid.png" if done else None, "parameters": job.parameters,
                 "created": job.created, "started": job.started, "finished": job.finished, "seconds": job.seconds}
 
-    def _work(self) -> None:
-        while True:
-            with self.wake:
-                while not self.pending and not self.closed:
-                    self.wake.wait()
-                if self.closed:
-                    return
-                job = self.jobs[self.pending.popleft()]
-                job.status, job.started = "running", time.time()
-            self._run(job)
+    def work(self) -> None:
+        """Run jobs in this thread until `close` (the worker thread's loop; `serve` runs it in the main thread,
+        where torch's CPU kernels run faster than in any other)."""
+        before = torch.get_num_threads()  # (torch's setting is the process's: restored when the worker stops)
+        torch.set_num_threads(self.threads or before)
+        try:
+            while True:
+                with self.wake:
+                    while not self.pending and not self.closed:
+                        self.wake.wait()
+                    if self.closed:
+                        return
+                    job = self.jobs[self.pending.popleft()]
+                    job.status, job.started = "running", time.time()
+                self._run(job)
+        finally:
+            torch.set_num_threads(before)
 
     def _run(self, job: Job) -> None:
         served = self.models[job.model]
@@ -230,8 +237,8 @@ class JobQueue:
                 raise Cancelled
             preview = None
             if time.perf_counter() - last[0] >= PREVIEW_EVERY:
-                preview, last[0] = data_url(grid_image(pipe.decode(p.x0).float().clamp(-1, 1), job.args.n)), \
-                    time.perf_counter()
+                last[0] = time.perf_counter()
+                preview = data_url(grid_image(pipe.decode(p.x0).float().clamp(-1, 1), job.args.n))
             with self.lock:
                 job.step = i + 1
                 job.preview = preview or job.preview
@@ -239,10 +246,10 @@ class JobQueue:
         try:
             g = torch.Generator().manual_seed(job.args.seed)
             images = generate(pipe, len(job.own), **job.inputs, **job.kw, generator=g, callback=on_step)
-            grid = write_outputs(images, job.args, job.rows, job.own, recorded(job.args, served.folder))
-            state = dict(status="done", grid=grid, images=[grid.with_suffix("") / f"{k:03d}.png"
-                                                            for k in range(len(job.own))],
-                         parameters=json.loads(json.dumps(recorded(job.args, served.folder))), step=job.total)
+            parameters = recorded(job.args, served.folder)
+            grid = write_outputs(images, job.args, job.rows, job.own, parameters)
+            state = dict(status="done", grid=grid, parameters=parameters, step=job.total,
+                         images=[grid.with_suffix("") / f"{k:03d}.png" for k in range(len(job.own))])
         except Cancelled:
             state = dict(status="cancelled")
         except Exception as e:  # the job fails, the server goes on; a bug also shows its traceback
@@ -286,7 +293,8 @@ def save_upload(data: str, path: Path, limits: Limits, what: str) -> Path:
 class Server:
     """The served models, the queue, and how a request becomes a job."""
 
-    def __init__(self, models: Sequence[str], device: str, dtype: str, outdir: str | Path, limits: Limits):
+    def __init__(self, models: Sequence[str], device: str, dtype: str, outdir: str | Path, limits: Limits,
+                 threads: int = 0):
         self.outdir, self.device = Path(outdir), device
         self.models: dict[str, Served] = {}
         for source in models:
@@ -300,7 +308,7 @@ class Server:
             raise ValueError("serve needs at least one model")
         side = max(max(s.pipe.resolution) * max(s.pipe.low_res_factor, 1) for s in self.models.values())
         self.limits = Limits(**{**vars(limits), "max_side": limits.max_side or 8 * side})
-        self.queue = JobQueue(self.models, self.limits)
+        self.queue = JobQueue(self.models, self.limits, threads)
 
     def describe(self) -> dict[str, Any]:
         cli = sample_arguments("sample")
@@ -361,13 +369,18 @@ class Server:
 
 
 def create_app(models: Sequence[str] = tuple(BUNDLED), device: str = "cpu", dtype: str = "auto",
-               outdir: str | Path = "out/serve", limits: Limits | None = None) -> FastAPI:
-    """The FastAPI app serving `models` (bundled names or folders) from one worker on `device`."""
-    server = Server(models, device, dtype, outdir, limits or Limits())
+               outdir: str | Path = "out/serve", limits: Limits | None = None, threads: int = 0,
+               worker_thread: bool = True) -> FastAPI:
+    """The FastAPI app serving `models` (bundled names or folders) from one worker on `device`, which samples
+    with `threads` torch threads (0: torch's default) in a thread of its own, or with worker_thread=False
+    wherever `app.state.server.queue.work()` is called (`serve`: the main thread, where torch's CPU kernels run
+    about 25% faster than in other threads: BENCHMARKS.md)."""
+    server = Server(models, device, dtype, outdir, limits or Limits(), threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.queue.start()
+        if worker_thread:
+            server.queue.start()
         yield
         server.queue.close()
 
@@ -397,13 +410,13 @@ def create_app(models: Sequence[str] = tuple(BUNDLED), device: str = "cpu", dtyp
             raise HTTPException(404, f"no job {job_id!r}") from None
 
     @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
+    async def page() -> FileResponse:
         return FileResponse(WEB / "index.html", media_type="text/html")
 
     @app.get("/api/models")
-    def models_() -> dict[str, Any]:
+    async def models_() -> JSONResponse:
         """The served models, samplers, defaults and limits."""
-        return server.describe()
+        return JSONResponse(server.describe())
 
     @app.post("/api/jobs", status_code=202)
     def submit(req: JobRequest) -> dict[str, Any]:
@@ -414,32 +427,32 @@ def create_app(models: Sequence[str] = tuple(BUNDLED), device: str = "cpu", dtyp
             return queue.view(job)
 
     @app.get("/api/jobs")
-    def jobs() -> dict[str, Any]:
+    async def jobs() -> JSONResponse:
         """Every job this server holds, newest first."""
         with queue.lock:
-            return {"jobs": [queue.view(j) for j in reversed(queue.jobs.values())]}
+            return JSONResponse({"jobs": [queue.view(j) for j in reversed(queue.jobs.values())]})
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: str) -> dict[str, Any]:
+    async def job(job_id: str) -> JSONResponse:
         job = job_of(job_id)
         with queue.lock:
-            return queue.view(job)
+            return JSONResponse(queue.view(job))
 
     @app.post("/api/jobs/{job_id}/cancel")
-    def cancel(job_id: str) -> dict[str, Any]:
+    async def cancel(job_id: str) -> JSONResponse:
         """Cancel a queued job at once, a running one at its next step."""
         job_of(job_id)
-        return queue.cancel(job_id)
+        return JSONResponse(queue.cancel(job_id))
 
     @app.get("/api/jobs/{job_id}/images/{index}.png", response_class=FileResponse)
-    def image(job_id: str, index: int) -> FileResponse:
+    async def image(job_id: str, index: int) -> FileResponse:
         job = job_of(job_id)
         if not 0 <= index < len(job.images):
             raise HTTPException(404, f"job {job_id} has no image {index}")
         return FileResponse(job.images[index], media_type="image/png")
 
     @app.get("/api/jobs/{job_id}/grid.png", response_class=FileResponse)
-    def grid(job_id: str) -> FileResponse:
+    async def grid(job_id: str) -> FileResponse:
         job = job_of(job_id)
         if job.grid is None:
             raise HTTPException(404, f"job {job_id} has no result ({job.status})")
@@ -500,13 +513,19 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator
 
 def serve(args: argparse.Namespace) -> None:
     """`create_app` with the options of `diffusekit serve`, run by uvicorn until interrupted."""
-    import uvicorn
-
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who reaches this address can use the server "
               "(there is no authentication)")
     limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_side=args.max_side,
                     max_queue=args.max_queue)
-    app = create_app(args.model or list(BUNDLED), args.device, args.dtype, args.outdir, limits)
-    print(f"diffusekit: {', '.join(app.state.server.models)} at http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = create_app(args.model or list(BUNDLED), args.device, args.dtype, args.outdir, limits, args.threads,
+                     worker_thread=False)
+    queue = app.state.server.queue
+    with background(app, args.host, args.port) as url:
+        print(f"diffusekit: {', '.join(app.state.server.models)} at {url}/", flush=True)
+        try:
+            queue.work()  # (uvicorn answers in its thread; the models sample in this one)
+        except KeyboardInterrupt:
+            print("diffusekit: stopped")
+        finally:
+            queue.close()

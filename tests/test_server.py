@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.live import call, live_server, wait
@@ -231,8 +232,8 @@ def run_done(client: TestClient, job_id: str) -> dict:
 
 
 def test_concurrent_clients_on_loopback(tmp_path):
-    """8 clients submit 24 jobs (3 requests of different labels and seeds, each 8 times) and poll the server
-    all the while: every job completes, in the order of submission, identical requests give identical images,
+    """8 clients submit 24 jobs (3 requests of different labels and seeds, each 8 times) and poll them while
+    2 more read the job list: every job completes, in the order of submission, identical requests give identical images,
     and the API answers within bounded time while the worker samples."""
     requests = [{"label": k, "n": 2, "steps": 4, "seed": 10 + k} for k in range(3)]
     with live_server(("mnist",), Limits(max_queue=64), outdir=tmp_path) as base:
@@ -240,13 +241,14 @@ def test_concurrent_clients_on_loopback(tmp_path):
         lock = threading.Lock()
         stop = threading.Event()
 
-        def poll() -> None:  # status reads while the worker runs
+        def poll() -> None:  # reads while the worker runs, 50 a second (8 clients poll their jobs 20 a second each)
             while not stop.is_set():
                 t0 = time.perf_counter()
-                status, _ = call(f"{base}/api/models")
+                status, _ = call(f"{base}/api/jobs")
                 assert status == 200
                 with lock:
                     latencies.append(time.perf_counter() - t0)
+                stop.wait(max(0.0, 0.02 - (time.perf_counter() - t0)))
 
         def client(k: int) -> list[dict]:
             jobs = []
@@ -377,3 +379,15 @@ def test_fuzzed_requests_never_break_the_server(client):
 
     check()
     assert client.get("/api/models").status_code == 200
+
+
+def test_the_worker_samples_with_the_threads_asked_for_and_restores_the_setting(tmp_path):
+    threads = torch.get_num_threads()
+    seen = []
+    app = create_app(["mnist"], outdir=tmp_path, threads=threads + 1)
+    with TestClient(app) as c:
+        app.state.server.queue.models["mnist"].pipe.net.register_forward_hook(
+            lambda *_: seen.append(torch.get_num_threads()))
+        assert run(c, label=0, n=1, steps=1, seed=0)["job"]["status"] == "done"
+    assert seen and set(seen) == {threads + 1}
+    assert torch.get_num_threads() == threads  # restored when the server stops
