@@ -298,7 +298,7 @@ def sample(args: argparse.Namespace) -> None:
     from .pipelines.common import generate
 
     check_out(args)
-    sampler_options(args)
+    sampler_options(args)  # (its mistakes are found before the model loads)
     folder = model_folder(args.model)
     pipe = load(folder, args, text_encoder=args.text_encoder)
     inputs, kw, rows, own = plan(args, pipe)
