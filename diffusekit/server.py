@@ -309,13 +309,13 @@ class Server:
         side = max(max(s.pipe.resolution) * max(s.pipe.low_res_factor, 1) for s in self.models.values())
         self.limits = Limits(**{**vars(limits), "max_side": limits.max_side or 8 * side})
         self.queue = JobQueue(self.models, self.limits, threads)
-
-    def describe(self) -> dict[str, Any]:
+        self.model_info = {name: s.info(name) for name, s in self.models.items()}
         cli = sample_arguments("sample")
-        return {"models": [s.info(name) for name, s in self.models.items()], "samplers": list(SAMPLERS),
-                "defaults": {**{k: getattr(cli, k) for k in ("sampler", "steps", "cfg", "ug_eta")}, "n": 4,
-                             "strength": {t: sample_arguments(t).strength for t in ("img2img", "inpaint")},
-                             "upsample_guidance": 0.2}, "limits": vars(self.limits)}
+        self.description = {  # (fixed while the server runs: GET /api/models)
+            "models": list(self.model_info.values()), "samplers": list(SAMPLERS),
+            "defaults": {**{k: getattr(cli, k) for k in ("sampler", "steps", "cfg", "ug_eta")}, "n": 4,
+                         "strength": {t: sample_arguments(t).strength for t in ("img2img", "inpaint")},
+                         "upsample_guidance": 0.2}, "limits": vars(self.limits)}
 
     def prepare(self, req: JobRequest) -> Job:
         """Check a request against its model and the limits, save its uploads, and resolve it into a job
@@ -325,14 +325,12 @@ class Server:
             raise ValueError(f"unknown model {name!r}{did_you_mean(name, self.models)}; served: "
                              f"{', '.join(self.models)}")
         served, lim = self.models[name], self.limits
-        if req.task not in (tasks := served.info(name)["tasks"]):
+        if req.task not in (tasks := self.model_info[name]["tasks"]):
             raise ValueError(f"model {name} does not do {req.task}; it does {', '.join(tasks)}")
         if req.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {req.sampler!r}{did_you_mean(req.sampler, SAMPLERS)}")
         if req.steps > lim.max_steps:
             raise ValueError(f"steps {req.steps} is over this server's limit of {lim.max_steps}")
-        if max(req.height or 0, req.width or 0) > lim.max_side:
-            raise ValueError(f"size {req.height}x{req.width} is over this server's limit of {lim.max_side} a side")
         if req.n > lim.max_images:
             raise ValueError(f"n {req.n} is over this server's limit of {lim.max_images} images per job")
         wants = {"image": req.task != "txt2img", "mask": req.task == "inpaint"}
@@ -416,7 +414,7 @@ def create_app(models: Sequence[str] = tuple(BUNDLED), device: str = "cpu", dtyp
     @app.get("/api/models")
     async def models_() -> JSONResponse:
         """The served models, samplers, defaults and limits."""
-        return JSONResponse(server.describe())
+        return JSONResponse(server.description)
 
     @app.post("/api/jobs", status_code=202)
     def submit(req: JobRequest) -> dict[str, Any]:
