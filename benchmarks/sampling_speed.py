@@ -18,18 +18,17 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from diffusekit.acceleration import accelerate
 from diffusekit.evaluation import class_accuracy, load_mnist_classifier, sample_classes
 from diffusekit.interop.diffusers_unet import unet_state_from_diffusers
-from diffusekit.pipelines.common import generate, load_pipeline
+from diffusekit.pipelines import generate, load_pipeline
 
 from train_throughput import diffusers_twin
 
-BUNDLED = Path(__file__).resolve().parents[1] / "diffusekit/assets/mnist_unet"
+BUNDLED = MODELS["mnist"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,11 +77,11 @@ def loop_overhead(pipe) -> tuple[float, float, int]:
     pre = pipe.net.register_forward_pre_hook(lambda m, a: spent.append(-time.perf_counter()))
     post = pipe.net.register_forward_hook(lambda m, a, y: spent.append(time.perf_counter()))
     labels = torch.arange(10).repeat_interleave(4)
-    generate(pipe, 40, labels=labels, sampler="dpmpp_2m", steps=20, cfg_scale=3.0,
+    generate(pipe, 40, labels=labels, sampler="dpmpp_2m", steps=20, cfg=3.0,
              generator=torch.Generator().manual_seed(0))  # warm-up
     spent.clear()
     t0 = time.perf_counter()
-    generate(pipe, 40, labels=labels, sampler="dpmpp_2m", steps=20, cfg_scale=3.0,
+    generate(pipe, 40, labels=labels, sampler="dpmpp_2m", steps=20, cfg=3.0,
              generator=torch.Generator().manual_seed(0))
     wall = time.perf_counter() - t0
     pre.remove(), post.remove()
@@ -127,7 +126,7 @@ def main() -> None:
           f"loop overhead {100 * (wall - net) / wall:.2f}%")
     if args.accuracy:
         clf = load_mnist_classifier()
-        kw = dict(sampler="dpmpp_2m", steps=20, cfg_scale=3.0)
+        kw = dict(sampler="dpmpp_2m", steps=20, cfg=3.0)
         for name, p in (("fp32", base), (mode, pipe)):
             images, labels = sample_classes(p, args.accuracy, **kw)
             print(f"class accuracy {name}: {class_accuracy(clf, images, labels):.4f} ({len(labels)} samples)")

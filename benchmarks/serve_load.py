@@ -35,25 +35,23 @@ from PIL import Image
 
 from diffusekit.server import Limits, background, create_app
 
-from diffusekit.cli import load, model_folder, plan, recorded, sample_arguments, write_outputs
-from diffusekit.pipelines.common import generate
+from diffusekit.bundled import model_folder
+from diffusekit.outputs import Destination, write
+from diffusekit.requests import Request, load_model, plan, run
 
 
 def request(k: int, n: int, steps: int) -> dict:
-    return {"label": k % 10, "n": n, "steps": steps, "seed": k}
+    return {"labels": [k % 10], "n": n, "steps": steps, "seed": k}
 
 
 def in_process(jobs: list[dict], outdir: str) -> tuple[float, list[np.ndarray]]:
     """Wall time of the jobs run as `sample` runs them, and each job's first image."""
-    pipe = load(model_folder("mnist"), sample_arguments())  # (auto: bf16 where native, as the server)
+    pipe, dtype = load_model("mnist")  # (auto: bf16 where native, as the server)
     firsts = []
     t0 = time.perf_counter()
     for body in jobs:
-        a = sample_arguments(labels=[body["label"]], n=body["n"], seed=body["seed"], steps=body["steps"],
-                             outdir=outdir)
-        inputs, kw, rows, own = plan(a, pipe)
-        images = generate(pipe, len(own), **inputs, **kw, generator=torch.Generator().manual_seed(a.seed))
-        grid = write_outputs(images, a, rows, own, recorded(a, model_folder("mnist")))
+        p = plan(Request(**body, dtype=dtype), pipe)
+        grid = write(run(p, pipe), p, Destination(outdir=outdir), model_folder("mnist"))
         firsts.append(np.asarray(Image.open(grid.with_suffix("") / "000.png")))
     return time.perf_counter() - t0, firsts
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffusekit.pipelines.common import generate, load_pipeline
+from diffusekit.pipelines import generate, load_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from upsample_guidance import flops_per_step  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate(pipe, args.batch, labels=labels, height=H, width=W, steps=args.steps, cfg_scale=args.cfg,
+        generate(pipe, args.batch, labels=labels, height=H, width=W, steps=args.steps, cfg=args.cfg,
                  upsample_guidance=ug, ug_eta=eta, generator=torch.Generator().manual_seed(0))
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""Inference-time speed switches for a Pipeline (issue 13): lower-precision weights, channels_last, torch.compile.
+"""Inference-time speed switches: the network's precision, channels_last, torch.compile.
 
 The default pipeline computes in float32 and matches diffusers to float32 rounding; these switches trade that
 exactness for speed. Only the denoiser network changes: the sampler state and its update math stay float32
@@ -7,9 +7,17 @@ exactness for speed. Only the denoiser network changes: the sampler state and it
 
 from __future__ import annotations
 
-import torch
+from typing import Protocol
 
-from .pipelines.common import Pipeline
+import torch
+from torch import nn
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names (and "auto"); None: float32
+
+
+class HasNetwork(Protocol):
+    net: nn.Module
+    device: torch.device
 
 
 def native_dtype(device: torch.device | str) -> torch.dtype | None:
@@ -24,8 +32,17 @@ def native_dtype(device: torch.device | str) -> torch.dtype | None:
     return torch.bfloat16 if native else None
 
 
-def accelerate(pipe: Pipeline, *, dtype: torch.dtype | None = None, channels_last: bool = False,
-               compile: bool = False) -> Pipeline:
+def resolve_dtype(name: str, device: torch.device | str) -> str:
+    """A precision name of DTYPES, with 'auto' resolved: bf16 where `device` computes it natively, else fp32."""
+    if name == "auto":
+        return "bf16" if native_dtype(device) == torch.bfloat16 else "fp32"
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPES)}")
+    return name
+
+
+def accelerate(pipe: HasNetwork, *, dtype: torch.dtype | None = None, channels_last: bool = False,
+               compile: bool = False) -> HasNetwork:
     """Convert `pipe`'s network in place and return the pipeline.
 
     - dtype: compute dtype of the network, e.g. torch.bfloat16 (about 2x on CPUs with AVX512-BF16 / AMX,

@@ -69,10 +69,6 @@ class TextEncoder(nn.Module):
         self.model.requires_grad_(False).eval()
         self.max_length, self.layer = max_length, layer
 
-    @property
-    def dim(self) -> int:
-        return self.model.config.hidden_size
-
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask) [B, max_length] on the model's device; warns (once per call) naming the
         tokens that truncation drops, as diffusers does."""

@@ -15,7 +15,7 @@ from typing import Mapping, Protocol
 import torch
 from torch import Tensor, nn
 
-from .parametrization import Prediction, check_prediction_type, expand_like, to_prediction, training_target, x0_weight
+from .parametrization import Prediction, expand_like, parametrization
 from .schedules import Schedule, make_schedule
 
 Cond = Mapping[str, Tensor]
@@ -34,7 +34,7 @@ class NetworkDenoiser:
 
     def __init__(self, net: nn.Module, schedule: Schedule, prediction: str = "eps", timestep_scale: float = 1.0):
         self.net, self.schedule = net, schedule
-        self.prediction = check_prediction_type(prediction)
+        self.prediction, self.parametrization = prediction, parametrization(prediction)
         self.timestep_scale = timestep_scale
         self.learned_sigma = bool(getattr(getattr(net, "config", None), "learned_sigma", False))
 
@@ -54,7 +54,7 @@ class NetworkDenoiser:
             var_frac = (v.to(x.dtype) + 1) / 2
         if out.shape != x.shape:
             raise ValueError(f"network output shape {tuple(out.shape)} differs from its input {tuple(x.shape)}")
-        return to_prediction(out, x, a, b, self.prediction)._replace(var_frac=var_frac)
+        return self.parametrization.to_prediction(out.to(x.dtype), x, a, b)._replace(var_frac=var_frac)
 
     def loss(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Cond | None = None,
              min_snr_gamma: float | None = None) -> Tensor:
@@ -67,12 +67,12 @@ class NetworkDenoiser:
         a, b = (expand_like(c, x0) for c in self.schedule.alpha_sigma(t))
         x_t = a * x0 + b * eps
         out = self._net(x_t, t, cond)
-        target = training_target(self.prediction, x0, eps, a, b)
+        target = self.parametrization.target(x0, eps, a, b)
         mse = (out.float() - target.float()).square().flatten(1).mean(1)
         if not min_snr_gamma:
             return mse
         snr = self.schedule.snr(t).to(x0.device, torch.float32)
-        w0 = x0_weight(self.prediction, a, b).flatten().float()
+        w0 = self.parametrization.x0_weight(a, b).flatten().float()
         return mse * torch.where(w0 > 0, snr.clamp(max=min_snr_gamma) / w0, torch.ones_like(w0))
 
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import defaults
+from .bundled import MNIST_CLASSIFIER
 from .checkpoints import CheckpointError, from_pretrained, read_state_dict, save_pretrained
+from .data import MNIST, ImageFolder, collate
 from .models.classifier import MNISTClassifier, MNISTClassifierConfig
+from .pipelines import generate
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-MNIST_CLASSIFIER = ASSETS / "mnist_classifier"
 Features = Callable[[Tensor], Tensor]
 
 
@@ -107,8 +108,6 @@ def train_mnist_classifier(steps: int = 3000, batch: int = 128, holdout: int = 1
                            progress: bool = True) -> tuple[MNISTClassifier, float]:
     """Train on the first 9,000 bundled digits (random shifts of up to 2 pixels), return the model and its
     accuracy on the held-out last 1,000."""
-    from .training.data import MNIST
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train, test = MNIST(indices=slice(0, 10_000 - holdout)), MNIST(indices=slice(10_000 - holdout, None))
@@ -158,23 +157,45 @@ def inception_features(weights: str | Path, device: str = "cpu") -> Features:
         raise ValueError(f"no Inception weights at {weights} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
     state = read_state_dict(weights)  # checked before pytorch-fid is even imported
     try:
-        from pytorch_fid import inception as fid_inception
+        from pytorch_fid import inception as fid
     except ImportError as e:
         raise ValueError("Inception features need the pytorch-fid package (and torchvision)") from e
-    # pytorch-fid's builder would fetch (and fully unpickle) its weights by URL: hand it the checked ones
-    with mock.patch.object(fid_inception, "load_state_dict_from_url", return_value=state):
-        try:
-            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
-            raise CheckpointError(f"{weights} does not hold FID Inception-v3 weights: {e}") from e
+    model = fid_inception(fid, state, str(weights))
     model = model.to(device).eval()
 
     @torch.no_grad()
     def features(x: Tensor) -> Tensor:
         x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
-        return model(((x + 1) / 2).to(device))[0].flatten(1).cpu()
+        x = F.interpolate(x.to(device), size=(299, 299), mode="bilinear", align_corners=False)
+        return model(x).flatten(1).cpu()  # (inputs in [-1, 1]: pytorch-fid's normalisation of [0, 1] images)
 
     return features
+
+
+def fid_inception(fid, state: dict[str, Tensor], source: str) -> nn.Module:
+    """pytorch-fid's FID Inception-v3 up to its 2048-d pool features (its fid_inception_v3 with the FID blocks,
+    built from pytorch-fid's modules, with the checked `state` instead of the weights it would download)."""
+    net = fid._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    blocks = {"Mixed_5b": fid.FIDInceptionA(192, pool_features=32),
+              "Mixed_5c": fid.FIDInceptionA(256, pool_features=64),
+              "Mixed_5d": fid.FIDInceptionA(288, pool_features=64),
+              "Mixed_6b": fid.FIDInceptionC(768, channels_7x7=128),
+              "Mixed_6c": fid.FIDInceptionC(768, channels_7x7=160),
+              "Mixed_6d": fid.FIDInceptionC(768, channels_7x7=160),
+              "Mixed_6e": fid.FIDInceptionC(768, channels_7x7=192),
+              "Mixed_7b": fid.FIDInceptionE_1(1280),
+              "Mixed_7c": fid.FIDInceptionE_2(2048)}
+    for name, block in blocks.items():
+        setattr(net, name, block)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:  # missing / unexpected keys, wrong shapes
+        raise CheckpointError(f"{source} does not hold FID Inception-v3 weights: {e}") from e
+    pool = nn.MaxPool2d(kernel_size=3, stride=2)
+    return nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, pool, net.Conv2d_3b_1x1,
+                         net.Conv2d_4a_3x3, pool, *(getattr(net, f"Mixed_{k}") for k in
+                                                    ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c")),
+                         nn.AdaptiveAvgPool2d((1, 1)))
 
 
 # ----------------------------------------------------------------------------- images and models
@@ -182,8 +203,6 @@ def inception_features(weights: str | Path, device: str = "cpu") -> Features:
 def load_images(source: str | Path, resolution: int | None = None, channels: int = 1) -> tuple[Tensor, Tensor | None]:
     """'mnist' (the bundled digits) or a folder of images (sorted, resized to `resolution`) -> [N, C, H, W]
     in [-1, 1], and the labels if known."""
-    from .training.data import MNIST, ImageFolder, collate
-
     if str(source) == "mnist":
         data = MNIST(resolution or 28)
         return data.images, data.labels
@@ -197,12 +216,10 @@ def sample_classes(pipe, per_class: int, batch: int = 200, seed: int = 0, progre
                    **generate_kw) -> tuple[Tensor, Tensor]:
     """per_class samples of every class of a class-conditional pipeline -> (images, labels), in batches, with
     one progress bar over all of their sampling steps."""
-    from .pipelines.common import generate
-
     labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
     chunks = labels.split(batch)
-    with tqdm(total=len(chunks) * generate_kw.get("steps", 50), desc=f"sampling {len(labels)} images",
+    with tqdm(total=len(chunks) * generate_kw.get("steps", defaults.STEPS), desc=f"sampling {len(labels)} images",
               disable=not progress) as bar:
         images = [generate(pipe, len(chunk), labels=chunk, generator=g, callback=lambda *a: bar.update(), **generate_kw)
                   for chunk in chunks]

@@ -15,9 +15,6 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-PREDICTION_TYPES = ("eps", "x0", "v", "flow")
-
-
 class Prediction(NamedTuple):
     """A denoiser's output: predicted noise and predicted clean sample, consistent with x_t, and for
     learned-variance networks the interpolation v in [0, 1] of the log variance between beta-tilde and
@@ -48,53 +45,105 @@ class Prediction(NamedTuple):
                           other.var_frac)
 
 
-def check_prediction_type(kind: str) -> str:
-    if kind not in PREDICTION_TYPES:
+class Parametrization:
+    """What a network of one kind predicts, as three formulas side by side: its output -> (eps_hat, x0_hat),
+    its training target for x_t = a x0 + b eps, and ||d target / d x0||^2 at fixed x_t, the weight its MSE puts
+    on the x0 error (used by Min-SNR weighting)."""
+
+    name: str
+
+    def to_prediction(self, out: Tensor, x_t: Tensor, a: Tensor, b: Tensor) -> Prediction:
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, eps: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def x0_weight(self, a: Tensor, b: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Eps(Parametrization):
+    name = "eps"
+
+    def to_prediction(self, out, x_t, a, b):
+        return Prediction(out, (x_t - b * out) / a)
+
+    def target(self, x0, eps, a, b):
+        return eps
+
+    def x0_weight(self, a, b):
+        return (a / b) ** 2  # SNR
+
+
+class X0(Parametrization):
+    name = "x0"
+
+    def to_prediction(self, out, x_t, a, b):
+        return Prediction((x_t - a * out) / b, out)
+
+    def target(self, x0, eps, a, b):
+        return x0
+
+    def x0_weight(self, a, b):
+        return torch.ones_like(a)
+
+
+class V(Parametrization):
+    """[x_t; v] = [[a, b], [-b, a]] [x0; eps] (Salimans & Ho 2022)."""
+
+    name = "v"
+
+    def to_prediction(self, out, x_t, a, b):
+        n = a * a + b * b
+        return Prediction((b * x_t + a * out) / n, (a * x_t - b * out) / n)
+
+    def target(self, x0, eps, a, b):
+        return a * eps - b * x0
+
+    def x0_weight(self, a, b):
+        return (a * a + b * b) ** 2 / b**2  # SNR + 1 for VP
+
+
+class Flow(Parametrization):
+    """The rectified-flow velocity v = eps - x0, so x_t = a (eps - v) + b eps."""
+
+    name = "flow"
+
+    def to_prediction(self, out, x_t, a, b):
+        n = a + b
+        return Prediction((x_t + a * out) / n, (x_t - b * out) / n)
+
+    def target(self, x0, eps, a, b):
+        return eps - x0
+
+    def x0_weight(self, a, b):
+        return (a + b) ** 2 / b**2
+
+
+PARAMETRIZATIONS: dict[str, Parametrization] = {p.name: p for p in (Eps(), X0(), V(), Flow())}
+PREDICTION_TYPES = tuple(PARAMETRIZATIONS)
+
+
+def parametrization(kind: str) -> Parametrization:
+    """The parametrization of a prediction type (eps, x0, v, flow)."""
+    if kind not in PARAMETRIZATIONS:
         raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
-    return kind
+    return PARAMETRIZATIONS[kind]
 
 
 def to_prediction(out: Tensor, x_t: Tensor, a: Tensor, b: Tensor, kind: str) -> Prediction:
     """Convert a network output of the given kind into (eps_hat, x0_hat); a, b broadcast against x_t."""
-    out = out.to(x_t.dtype)
-    if kind == "eps":
-        return Prediction(out, (x_t - b * out) / a)
-    if kind == "x0":
-        return Prediction((x_t - a * out) / b, out)
-    if kind == "v":  # [x_t; v] = [[a, b], [-b, a]] [x0; eps]
-        n = a * a + b * b
-        return Prediction((b * x_t + a * out) / n, (a * x_t - b * out) / n)
-    if kind == "flow":  # x_t = a (eps - v) + b eps
-        n = a + b
-        return Prediction((x_t + a * out) / n, (x_t - b * out) / n)
-    raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
+    return parametrization(kind).to_prediction(out.to(x_t.dtype), x_t, a, b)
 
 
 def training_target(kind: str, x0: Tensor, eps: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """The regression target of a network of the given kind for x_t = a x0 + b eps."""
-    if kind == "eps":
-        return eps
-    if kind == "x0":
-        return x0
-    if kind == "v":
-        return a * eps - b * x0
-    if kind == "flow":
-        return eps - x0
-    raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
+    return parametrization(kind).target(x0, eps, a, b)
 
 
 def x0_weight(kind: str, a: Tensor, b: Tensor) -> Tensor:
-    """||d target / d x0||^2 at fixed x_t: the weight a kind's MSE puts on the x0 error
-    (eps: SNR, x0: 1, v: (a^2 + b^2)^2 / b^2 = SNR + 1 for VP, flow: (a + b)^2 / b^2)."""
-    if kind == "eps":
-        return (a / b) ** 2
-    if kind == "x0":
-        return torch.ones_like(a)
-    if kind == "v":
-        return (a * a + b * b) ** 2 / b**2
-    if kind == "flow":
-        return (a + b) ** 2 / b**2
-    raise ValueError(f"unknown prediction type {kind!r}; valid: {PREDICTION_TYPES}")
+    """The weight a kind's MSE puts on the x0 error (eps: SNR, x0: 1, v: (a^2 + b^2)^2 / b^2, flow: (a + b)^2 / b^2)."""
+    return parametrization(kind).x0_weight(a, b)
 
 
 def expand_like(c: Tensor, x: Tensor) -> Tensor:

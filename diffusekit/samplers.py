@@ -1,6 +1,10 @@
 """Samplers: small pure functions with one signature (SPEC §2; k-diffusion's sampling.py as model).
 
-    sampler(denoiser, x, ts, schedule, cond=None, *, generator=None, callback=None, progress=False, ...)
+    sampler(denoiser, x, ts, schedule, cond=None, *, generator=None, noise=gaussian_noise, callback=None,
+            progress=False, **options)
+
+Each registers itself in SAMPLERS with the options it declares (`sampler("eta")`); `noise(x, generator)` draws
+the N(0, I) noise of the stochastic ones (tests hand in their own to read a sampler's law off).
 
 `x` is the state at time ts[0] (pure noise for text-to-image, a noised image for img2img), `ts` a
 decreasing grid ending at schedule.t_clean. Update math runs in float32 or better whatever the
@@ -21,6 +25,25 @@ from .parametrization import Prediction
 from .schedules import Schedule, check_grid
 
 Callback = Callable[[int, float, Tensor, Prediction], None]
+Noise = Callable[[Tensor, "torch.Generator | None"], Tensor]  # (state, generator) -> N(0, I) of its shape
+SAMPLERS: dict[str, Callable[..., Tensor]] = {}  # name -> sampler, in the order they are defined below
+DDPM_VARIANCES = ("small", "large", "learned")
+
+
+def sampler(*options: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register a sampler under its function's name, declaring the keyword `options` it takes beyond the
+    shared signature (read by the front-ends to offer and check them)."""
+    def register(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        f.options = options
+        SAMPLERS[f.__name__] = f
+        return f
+
+    return register
+
+
+def taking(option: str) -> list[str]:
+    """The samplers that declare the keyword `option` (eta, variance, order)."""
+    return [name for name, f in SAMPLERS.items() if option in f.options]
 
 
 class Step(NamedTuple):
@@ -57,7 +80,8 @@ def _denoise(denoiser: Denoiser, x: Tensor, t: float, cond: Cond | None) -> Pred
     return p._replace(eps=p.eps.to(x.dtype), x0=p.x0.to(x.dtype))
 
 
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def gaussian_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) of x's shape and dtype, drawn on the generator's device (x's without one), then moved to x's."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -81,9 +105,10 @@ def _ancestral(x: Tensor, x0: Tensor, s: Step) -> tuple[Tensor, float]:
     return _ddim_step(s, x0, (x - s.a * x0) / s.b)
 
 
+@sampler("variance")
 def ddpm(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-         variance: str = "small", generator: torch.Generator | None = None, callback: Callback | None = None,
-         progress: bool = False) -> Tensor:
+         variance: str = "small", generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+         callback: Callback | None = None, progress: bool = False) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020) over any sub-grid: x_s ~ q(x_s | x_t, x0_hat).
 
     With r = a_t / a_s and beta = b_t^2 - r^2 b_s^2 (the per-step beta_t of SPEC §2 for VP tables), the
@@ -91,8 +116,8 @@ def ddpm(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Co
     written through x0_hat so that a_t = 0 is allowed -- and its variance beta-tilde = beta b_s^2 / b_t^2
     ('small'), beta ('large') or, for learned-variance networks, exp(v log beta + (1 - v) log beta-tilde)
     ('learned', Nichol & Dhariwal 2021)."""
-    if variance not in ("small", "large", "learned"):
-        raise ValueError(f"DDPM variance must be 'small', 'large' or 'learned', got {variance!r}")
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"DDPM variance must be one of {DDPM_VARIANCES}, got {variance!r}")
     x = _state(x)
     for s in _steps(ts, schedule, progress):
         p = _denoise(denoiser, x, s.t, cond)
@@ -101,7 +126,7 @@ def ddpm(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Co
         x = (r * s.b_next**2 * x + s.a_next * beta * p.x0) / s.b**2
         beta_tilde = beta * s.b_next**2 / s.b**2
         if s.b_next > 0:
-            x = x + _ddpm_std(variance, beta, beta_tilde, p) * _noise(x, generator)
+            x = x + _ddpm_std(variance, beta, beta_tilde, p) * noise(x, generator)
         if callback:
             callback(s.i, s.t, x, p)
     return x
@@ -117,9 +142,10 @@ def _ddpm_std(variance: str, beta: float, beta_tilde: float, p: Prediction) -> T
     return torch.exp(0.5 * (p.var_frac * math.log(beta) + (1 - p.var_frac) * math.log(max(beta_tilde, 1e-20))))
 
 
+@sampler("eta")
 def ddim(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-         eta: float = 0.0, generator: torch.Generator | None = None, callback: Callback | None = None,
-         progress: bool = False) -> Tensor:
+         eta: float = 0.0, generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+         callback: Callback | None = None, progress: bool = False) -> Tensor:
     """DDIM (Song et al. 2021): x_s = a_s x0_hat + sqrt(b_s^2 - sigma^2) eps_hat + sigma z.
 
     sigma = eta b_s sqrt(1 - SNR(t) / SNR(s)), which for VP tables is SPEC's
@@ -129,31 +155,35 @@ def ddim(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Co
         p = _denoise(denoiser, x, s.t, cond)
         x, sigma = _ddim_step(s, p.x0, p.eps, eta)
         if sigma > 0:
-            x = x + sigma * _noise(x, generator)
+            x = x + sigma * noise(x, generator)
         if callback:
             callback(s.i, s.t, x, p)
     return x
 
 
+@sampler()
 def euler(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-          generator: torch.Generator | None = None, callback: Callback | None = None,
-          progress: bool = False) -> Tensor:
+          generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+          callback: Callback | None = None, progress: bool = False) -> Tensor:
     """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1; for rectified flow x + (s - t) v).
 
     In sigma space (and in flow space) an Euler step lands exactly on a_s x0_hat + b_s eps_hat: DDIM, eta = 0."""
     return ddim(denoiser, x, ts, schedule, cond, eta=0.0, callback=callback, progress=progress)
 
 
+@sampler()
 def euler_ancestral(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-                    generator: torch.Generator | None = None, callback: Callback | None = None,
-                    progress: bool = False) -> Tensor:
+                    generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+                    callback: Callback | None = None, progress: bool = False) -> Tensor:
     """Euler ancestral (k-diffusion): step down to sigma_down, add noise sigma_up; equal to DDIM with eta = 1."""
-    return ddim(denoiser, x, ts, schedule, cond, eta=1.0, generator=generator, callback=callback, progress=progress)
+    return ddim(denoiser, x, ts, schedule, cond, eta=1.0, generator=generator, noise=noise, callback=callback,
+                progress=progress)
 
 
+@sampler()
 def heun(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-         generator: torch.Generator | None = None, callback: Callback | None = None,
-         progress: bool = False) -> Tensor:
+         generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+         callback: Callback | None = None, progress: bool = False) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1) in ODE coordinates y = x / c, s = b / c
     (sigma space for VP, flow space for rectified flow). Euler (x = a_s x0_hat + b_s eps_hat) on the last
     step to clean data and on a first step from pure noise (zero terminal SNR, where sigma is infinite)."""
@@ -177,9 +207,10 @@ def heun(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Co
     return x
 
 
+@sampler()
 def dpmpp_2m(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-             generator: torch.Generator | None = None, callback: Callback | None = None,
-             progress: bool = False) -> Tensor:
+             generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+             callback: Callback | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = logSNR / 2; first order on the
     first step and on the last step to clean data."""
     x = _state(x)
@@ -198,9 +229,10 @@ def dpmpp_2m(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond
     return x
 
 
+@sampler()
 def dpmpp_2s_ancestral(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-                       generator: torch.Generator | None = None, callback: Callback | None = None,
-                       progress: bool = False) -> Tensor:
+                       generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+                       callback: Callback | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral, eta = 1): a second-order singlestep
     DPM-Solver++ step to sigma_down = sigma_s^2 / sigma_t, whose lambda-midpoint is s itself, then noise sigma_up.
     First order on a step from pure noise and on the last step to clean data (sigma_down = 0)."""
@@ -212,15 +244,16 @@ def dpmpp_2s_ancestral(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Sche
             x0 = _denoise(denoiser, _dpmpp(x, s, p.x0), s.t_next, cond).x0
         x, sigma = _ancestral(x, x0, s)
         if sigma > 0:
-            x = x + sigma * _noise(x, generator)
+            x = x + sigma * noise(x, generator)
         if callback:
             callback(s.i, s.t, x, p)
     return x
 
 
+@sampler()
 def dpmpp_sde(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-              generator: torch.Generator | None = None, callback: Callback | None = None,
-              progress: bool = False) -> Tensor:
+              generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+              callback: Callback | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, eta = 1, r = 1/2): an ancestral step to the lambda-midpoint
     m, the model there, then the ancestral step from t to s with x0_hat(m). Its two noises are increments of one
     Brownian motion W(sigma), sigma = b / a, over [sigma_t, sigma_m] and [sigma_t, sigma_s] (k-diffusion draws them
@@ -233,22 +266,23 @@ def dpmpp_sde(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, con
             t_m = schedule.t_from_logsnr((s.logsnr + s.logsnr_next) / 2)
             a_m, b_m = (c.item() for c in schedule.alpha_sigma(t_m))
             m = s._replace(t_next=t_m.item(), a_next=a_m, b_next=b_m, logsnr_next=schedule.logsnr(t_m).item())
-            n1, n2 = _noise(x, generator), _noise(x, generator)
+            n1, n2 = noise(x, generator), noise(x, generator)
             x_m, sigma_m = _ancestral(x, x0, m)
             x0 = _denoise(denoiser, x_m + sigma_m * n1, m.t_next, cond).x0
             w = math.sqrt((s.b / s.a - b_m / a_m) / (s.b / s.a - s.b_next / s.a_next))  # corr(W increments)
             z = w * n1 + math.sqrt(1 - w * w) * n2
         x, sigma = _ancestral(x, x0, s)
         if sigma > 0:
-            x = x + sigma * (_noise(x, generator) if z is None else z)
+            x = x + sigma * (noise(x, generator) if z is None else z)
         if callback:
             callback(s.i, s.t, x, p)
     return x
 
 
+@sampler("order")
 def unipc(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-          order: int = 2, generator: torch.Generator | None = None, callback: Callback | None = None,
-          progress: bool = False) -> Tensor:
+          order: int = 2, generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+          callback: Callback | None = None, progress: bool = False) -> Tensor:
     """UniPC (Zhao et al. 2023), data prediction, B(h) = e^{-h} - 1 ('bh2'): the order-p multistep predictor UniP,
     then the corrector UniC, which refines the new state with the model call made there (no extra call). Orders
     warm up from 1 and drop on the last steps (diffusers' lower_order_final); a first step from pure noise is a
@@ -302,9 +336,10 @@ def _unipc_rhos(rks: list[float], h: float) -> list[float]:
     return torch.linalg.solve(R, torch.tensor(g, dtype=torch.float64)).tolist()
 
 
+@sampler("order")
 def lms(denoiser: Denoiser, x: Tensor, ts: Tensor, schedule: Schedule, cond: Cond | None = None, *,
-        order: int = 4, generator: torch.Generator | None = None, callback: Callback | None = None,
-        progress: bool = False) -> Tensor:
+        order: int = 4, generator: torch.Generator | None = None, noise: Noise = gaussian_noise,
+        callback: Callback | None = None, progress: bool = False) -> Tensor:
     """Linear multistep (k-diffusion's sample_lms): Adams-Bashforth of the given order over the non-uniform grid on
     dy/ds = (y - x0_hat) / s in ODE coordinates y = x / c, s = b / c (as heun); the order warms up from 1. A first
     step from pure noise (s infinite) is a first-order step that the history leaves out."""
@@ -338,21 +373,8 @@ def _lms_coefficients(sig: list[float], sig_next: float) -> list[float]:
             for j in range(len(sig))]
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": ddpm,
-    "ddim": ddim,
-    "euler": euler,
-    "euler_ancestral": euler_ancestral,
-    "heun": heun,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
-    "dpmpp_sde": dpmpp_sde,
-    "unipc": unipc,
-    "lms": lms,
-}
-
-
 def get_sampler(name: str) -> Callable[..., Tensor]:
+    """The sampler registered under `name`."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {sorted(SAMPLERS)}")
     return SAMPLERS[name]

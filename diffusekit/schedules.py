@@ -123,6 +123,29 @@ SIGMA_GRIDS: dict[str, Callable[[int, float, float], Tensor]] = {
 }
 
 
+def leading_steps(T: int, n: int, offset: int) -> Tensor:
+    """diffusers' leading spacing (SD 1.x, with its steps offset): every T // n steps from 0, decreasing."""
+    return torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + offset
+
+
+def trailing_steps(T: int, n: int, offset: int) -> Tensor:
+    """diffusers' trailing spacing: from T - 1 down in steps of T / n, rounded (reaches the last step)."""
+    return torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
+
+
+def linspace_steps(T: int, n: int, offset: int) -> Tensor:
+    """diffusers' linspace spacing: n steps evenly from T - 1 to 0, rounded."""
+    return torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
+
+
+STEP_SPACINGS: dict[str, Callable[[int, int, int], Tensor]] = {  # diffusers' timestep_spacing values
+    "leading": leading_steps,
+    "trailing": trailing_steps,
+    "linspace": linspace_steps,
+}
+SPACINGS = (*STEP_SPACINGS, *SIGMA_GRIDS)  # every grid name VPSchedule.timesteps takes
+
+
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     """Lin et al. 2024 (Algorithm 1): shift and scale sqrt(alphas_cumprod) so that a_{T-1} = 0
     while a_0 keeps its value."""
@@ -200,25 +223,20 @@ class VPSchedule(Schedule):
         return (a * a + b * b).sqrt()  # rho_t = sqrt(a_t^2 + b_t^2 / s^2)
 
     def timesteps(self, n: int, spacing: str = "trailing", offset: int = 0) -> Tensor:
-        """diffusers' spacings: leading (SD, with steps offset), trailing, linspace (rounded); or karras /
-        exponential: the noise levels of SIGMA_GRIDS between the table's ends, at their (fractional) times."""
+        """diffusers' spacings (STEP_SPACINGS: leading with its steps offset, trailing, linspace), or the noise
+        levels of SIGMA_GRIDS (karras, exponential) between the table's ends, at their (fractional) times."""
         T = self.T
         if not 1 <= n <= T:
             raise ValueError(f"number of steps must be in [1, {T}], got {n}")
-        if spacing == "leading":
-            ts = torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + offset
-        elif spacing == "trailing":
-            ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
-        elif spacing == "linspace":
-            ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
+        if spacing in STEP_SPACINGS:
+            ts = STEP_SPACINGS[spacing](T, n, offset)
         elif spacing in SIGMA_GRIDS:
             sigma_min, sigma_max = (math.exp(-self._logsnr[i].item() / 2) for i in (1, T))
             if math.isinf(sigma_max):
                 raise ValueError(f"{spacing} grids need a finite sigma_max: no zero terminal SNR")
             ts = self.t_from_logsnr(-2 * SIGMA_GRIDS[spacing](n, sigma_min, sigma_max).log())
         else:
-            raise ValueError(f"unknown timestep spacing {spacing!r}; valid: leading, trailing, linspace, "
-                             f"{', '.join(SIGMA_GRIDS)}")
+            raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
         return check_grid(self, torch.cat([ts, ts.new_tensor([self.t_clean])]))
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, dist: str = "uniform",
@@ -282,12 +300,15 @@ class FlowSchedule(Schedule):
         return flow_shift(_unit_time(n, generator, dist, loc, scale), self.shift)
 
 
+T_DISTRIBUTIONS = ("uniform", "logit_normal")  # training-time distributions of `sample_t`
+
+
 def _unit_time(n: int, generator: torch.Generator | None, dist: str, loc: float, scale: float) -> Tensor:
     if dist == "uniform":
         return torch.rand(n, generator=generator, dtype=torch.float64)
     if dist == "logit_normal":
         return torch.sigmoid(loc + scale * torch.randn(n, generator=generator, dtype=torch.float64))
-    raise ValueError(f"unknown timestep distribution {dist!r}; valid: uniform, logit_normal")
+    raise ValueError(f"unknown timestep distribution {dist!r}; valid: {', '.join(T_DISTRIBUTIONS)}")
 
 
 def check_grid(schedule: Schedule, ts: Tensor | Sequence[float]) -> Tensor:
@@ -312,6 +333,9 @@ def img2img_grid(ts: Tensor, strength: float) -> Tensor:
     n = len(ts) - 1
     k = max(1, min(int(n * strength), n))
     return ts[n - k:]
+
+
+SCHEDULES = (*BETA_SCHEDULES, "flow")  # the names make_schedule takes
 
 
 def make_schedule(name: str, T: int = 1000, zero_terminal_snr: bool = False, shift: float = 1.0,

@@ -1,18 +1,18 @@
 """`diffusekit serve`: a local web UI and JSON API over one job queue, whose single worker owns the models.
 
-request (JSON) -> checks (the CLI's `plan`: 4xx before any work) -> queue -> worker: `generate` with a
-per-step callback (progress, preview, cancel) -> PNGs written as `sample` writes them (--from-png reruns
-them) -> gallery. Clients follow a job over server-sent events. Models are chosen by name among those the
+request (JSON: the fields of `diffusekit.requests.Request`) -> Request and its plan against the model (4xx
+before any work) -> queue -> worker: `requests.run` with a per-step callback (progress, preview, cancel) ->
+PNGs written by `outputs.write`, as `sample` writes them (--from-png reruns them) -> gallery. Clients follow a job over server-sent events. Models are chosen by name among those the
 server was started with, and files only by job id and index: no request names a path.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import json
 import secrets
@@ -23,20 +23,23 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Literal, Sequence
+from typing import Annotated, Any, AsyncIterator, Iterator, Literal, Sequence
 
 import torch
 from PIL import Image
 
-from .cli import BUNDLED, UG_MAX, load, model_folder, plan, recorded, sample_arguments, version, write_outputs
-from .images import grid_image
-from .pipelines.common import Pipeline, generate
+from . import defaults
+from .bundled import MODELS, model_folder
+from .images import grid_image, read_parameters
+from .outputs import Destination, version, write
+from .pipelines import Pipeline
+from .requests import TASKS, Limits, Plan, Request, check_task, load_model, plan, run
 from .samplers import SAMPLERS
-from .schedules import img2img_grid
 from .validation import did_you_mean
 
 try:
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException
+    from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
@@ -44,42 +47,35 @@ except ImportError as e:
     raise ImportError("diffusekit serve needs FastAPI and uvicorn: pip install 'diffusekit[serve]'") from e
 
 WEB = Path(__file__).parent / "web"
-TASKS = {"txt2img": "sample", "img2img": "img2img", "inpaint": "inpaint", "upscale": "upscale"}  # -> CLI command
 PREVIEW_EVERY = 0.25  # seconds between live previews (the first step always has one)
 FINAL = ("done", "failed", "cancelled")
 
 
-@dataclass
-class Limits:
-    """What one request may ask for; max_side 0 is 8x the largest training side of the served models."""
-
-    max_steps: int = 100
-    max_images: int = 64
-    max_side: int = 0
-    max_queue: int = 32
-    max_upload: int = 4 << 20  # bytes of an uploaded image or mask
-    keep_jobs: int = 500  # finished jobs listed in the gallery (their files stay on disk)
+Prompt = Field(max_length=2000)
 
 
 class JobRequest(BaseModel):
-    """One generation request; null fields take the model's or the CLI's defaults."""
+    """One generation request: the fields of a `Request` that a client may set, with the images as data; null
+    fields take the model's or the request's defaults."""
 
     model_config = ConfigDict(extra="forbid")
-    task: Literal["txt2img", "img2img", "inpaint", "upscale"] = "txt2img"
+    task: Literal[TASKS] = Request.task
     model: str | None = Field(None, max_length=200, description="a served model's name; null: the first")
-    prompt: str | None = Field(None, max_length=2000)
-    negative_prompt: str | None = Field(None, max_length=2000)
-    label: int | None = Field(None, ge=0, description="class label; null: every class, n images each")
-    n: int = Field(4, ge=1, description="images per class / prompt")
-    sampler: str = "dpmpp_2m"
-    steps: int = Field(20, ge=1)
-    cfg: float = Field(3.0, allow_inf_nan=False)
+    prompt: list[Annotated[str, Prompt]] | None = Field(None, max_length=16, description="prompts, one row each")
+    negative: list[Annotated[str, Prompt]] | None = Field(None, max_length=16,
+                                                          description="one negative prompt, or one per prompt")
+    labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=1000,
+                                                             description="class labels; null: every class")
+    n: int = Field(Request.n, ge=1, description="images per class / prompt")
+    sampler: str = Request.sampler
+    steps: int = Field(Request.steps, ge=1)
+    cfg: float = Field(Request.cfg, allow_inf_nan=False)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="null: a random seed, returned")
     height: int | None = Field(None, ge=1, description="null: the model's size, or the input image's")
     width: int | None = Field(None, ge=1)
-    upsample_guidance: float | None = Field(None, ge=0, le=UG_MAX, description="Upsample Guidance weight w")
-    ug_eta: float = Field(1.0, ge=0, le=1)
-    strength: float | None = Field(None, gt=0, le=1, description="img2img / inpaint; null: 0.6 / 1.0")
+    upsample_guidance: float | None = Field(None, ge=0, le=defaults.UG_MAX, description="Upsample Guidance weight w")
+    ug_eta: float = Field(Request.ug_eta, ge=0, le=1)
+    strength: float | None = Field(None, gt=0, le=1, description="img2img / inpaint; null: the task's default")
     image: str | None = Field(None, description="input image: a data URL or base64 (img2img, inpaint, upscale)")
     mask: str | None = Field(None, description="inpainting mask of the image's size, white = regenerate")
 
@@ -107,13 +103,9 @@ class Served:
 
     def info(self, name: str) -> dict[str, Any]:
         pipe = self.pipe
-        kind = "class" if pipe.num_classes else "text" if pipe.text_encoder is not None else "unconditional"
-        channels = pipe.latent_shape(*pipe.resolution)[0]
-        tasks = (["upscale"] if pipe.low_res_factor else ["inpaint"] if pipe.net.config.in_channels != channels
-                 else ["txt2img", "img2img", "inpaint"])
-        return {"name": name, "kind": kind, "classes": pipe.num_classes, "resolution": list(pipe.resolution),
-                "channels": pipe.channels, "factor": pipe.size_multiple, "tasks": tasks,
-                "low_res_factor": pipe.low_res_factor, "dtype": self.dtype}
+        return {"name": name, "kind": pipe.conditioning, "classes": pipe.num_classes,
+                "resolution": list(pipe.resolution), "channels": pipe.channels, "factor": pipe.size_multiple,
+                "tasks": list(pipe.tasks), "low_res_factor": pipe.low_res_factor, "dtype": self.dtype}
 
 
 @dataclass
@@ -122,12 +114,9 @@ class Job:
 
     id: str
     model: str
-    request: dict[str, Any]
-    args: argparse.Namespace
-    inputs: dict[str, Any]
-    kw: dict[str, Any]
-    rows: list[str] | None
-    own: list[dict[str, Any]]
+    request: dict[str, Any]  # as the client sent it (without its images), with the model's name and the seed
+    plan: Plan
+    destination: Destination
     status: str = "queued"
     step: int = 0
     total: int = 0
@@ -206,7 +195,7 @@ class JobQueue:
         return {"id": job.id, "model": job.model, "status": job.status,
                 "position": self.pending.index(job.id) if job.status == "queued" else None,
                 "step": job.step, "total": job.total, "error": job.error, "request": job.request,
-                "seed": job.args.seed, "images": [f"{url}/images/{k}.png" for k in range(len(job.images))] if done
+                "seed": job.plan.request.seed, "images": [f"{url}/images/{k}.png" for k in range(len(job.images))] if done
                 else [], "grid": f"{url}/grid.png" if done else None, "parameters": job.parameters,
                 "created": job.created, "started": job.started, "finished": job.finished, "seconds": job.seconds}
 
@@ -238,18 +227,16 @@ class JobQueue:
             preview = None
             if time.perf_counter() - last[0] >= PREVIEW_EVERY:
                 last[0] = time.perf_counter()
-                preview = data_url(grid_image(pipe.decode(p.x0).float().clamp(-1, 1), job.args.n))
+                preview = data_url(grid_image(pipe.decode(p.x0).float().clamp(-1, 1), job.plan.request.n))
             with self.lock:
                 job.step = i + 1
                 job.preview = preview or job.preview
 
         try:
-            g = torch.Generator().manual_seed(job.args.seed)
-            images = generate(pipe, len(job.own), **job.inputs, **job.kw, generator=g, callback=on_step)
-            parameters = recorded(job.args, served.folder)
-            grid = write_outputs(images, job.args, job.rows, job.own, parameters)
-            state = dict(status="done", grid=grid, parameters=parameters, step=job.total,
-                         images=[grid.with_suffix("") / f"{k:03d}.png" for k in range(len(job.own))])
+            images = run(job.plan, pipe, callback=on_step)
+            grid = write(images, job.plan, job.destination, served.folder)
+            state = dict(status="done", grid=grid, parameters=read_parameters(grid), step=job.total,
+                         images=[grid.with_suffix("") / f"{k:03d}.png" for k in range(job.plan.images)])
         except Cancelled:
             state = dict(status="cancelled")
         except Exception as e:  # the job fails, the server goes on; a bug also shows its traceback
@@ -298,24 +285,23 @@ class Server:
         self.outdir, self.device = Path(outdir), device
         self.models: dict[str, Served] = {}
         for source in models:
-            args = argparse.Namespace(device=device, dtype=dtype)
             folder = model_folder(source)
-            name = source if source in BUNDLED else folder.name
+            name = source if source in MODELS else folder.name
             if name in self.models:
                 raise ValueError(f"two served models are named {name!r}; serve them from folders of different names")
-            self.models[name] = Served(load(folder, args), source, folder, args.dtype)
+            pipe, resolved = load_model(source, device, dtype)
+            self.models[name] = Served(pipe, source, folder, resolved)
         if not self.models:
             raise ValueError("serve needs at least one model")
         side = max(max(s.pipe.resolution) * max(s.pipe.low_res_factor, 1) for s in self.models.values())
-        self.limits = Limits(**{**vars(limits), "max_side": limits.max_side or 8 * side})
+        self.limits = dataclasses.replace(limits, max_side=limits.max_side or 8 * side)
         self.queue = JobQueue(self.models, self.limits, threads)
         self.model_info = {name: s.info(name) for name, s in self.models.items()}
-        cli = sample_arguments("sample")
         self.description = {  # (fixed while the server runs: GET /api/models)
             "models": list(self.model_info.values()), "samplers": list(SAMPLERS),
-            "defaults": {**{k: getattr(cli, k) for k in ("sampler", "steps", "cfg", "ug_eta")}, "n": 4,
-                         "strength": {t: sample_arguments(t).strength for t in ("img2img", "inpaint")},
-                         "upsample_guidance": 0.2}, "limits": vars(self.limits)}
+            "defaults": {"sampler": Request.sampler, "steps": Request.steps, "cfg": Request.cfg,
+                         "ug_eta": Request.ug_eta, "n": Request.n, "strength": defaults.STRENGTH,
+                         "upsample_guidance": defaults.UG_W}, "limits": dataclasses.asdict(self.limits)}
 
     def prepare(self, req: JobRequest) -> Job:
         """Check a request against its model and the limits, save its uploads, and resolve it into a job
@@ -324,49 +310,28 @@ class Server:
         if name not in self.models:
             raise ValueError(f"unknown model {name!r}{did_you_mean(name, self.models)}; served: "
                              f"{', '.join(self.models)}")
-        served, lim = self.models[name], self.limits
-        if req.task not in (tasks := self.model_info[name]["tasks"]):
-            raise ValueError(f"model {name} does not do {req.task}; it does {', '.join(tasks)}")
-        if req.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {req.sampler!r}{did_you_mean(req.sampler, SAMPLERS)}")
-        if req.steps > lim.max_steps:
-            raise ValueError(f"steps {req.steps} is over this server's limit of {lim.max_steps}")
-        if req.n > lim.max_images:
-            raise ValueError(f"n {req.n} is over this server's limit of {lim.max_images} images per job")
-        wants = {"image": req.task != "txt2img", "mask": req.task == "inpaint"}
-        for what, needed in wants.items():
-            if needed != (getattr(req, what) is not None):
-                raise ValueError(f"{req.task} {'needs' if needed else 'takes no'} input {what}")
-        job_id = uuid.uuid4().hex
-        paths = {what: str(save_upload(getattr(req, what), self.outdir / "inputs" / f"{job_id}-{what}.png", lim, what))
-                 for what, needed in wants.items() if needed}
-        fields = dict(model=served.source, labels=None if req.label is None else [req.label],
-                      prompt=req.prompt and [req.prompt], negative=req.negative_prompt and [req.negative_prompt],
-                      n=req.n, seed=secrets.randbelow(2**31) if req.seed is None else req.seed, sampler=req.sampler,
-                      steps=req.steps, cfg=req.cfg, upsample_guidance=req.upsample_guidance, ug_eta=req.ug_eta,
-                      height=req.height, width=req.width, input_image=paths.get("image"), mask=paths.get("mask"),
-                      dtype=served.dtype, device=self.device, outdir=str(self.outdir))
-        if req.strength is not None and req.task in ("img2img", "inpaint"):
-            fields["strength"] = req.strength
-        args = sample_arguments(TASKS[req.task], **fields)
+        served, job_id = self.models[name], uuid.uuid4().hex
+        check_task(req.task, served.pipe, name)  # (before the request's own checks of its inputs)
+        fields = req.model_dump(exclude={"model", "image", "mask"})
+        seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+        uploads = {"input_image": req.image, "mask": req.mask}
+        request = Request(**fields | {"seed": seed}, model=served.source, dtype=served.dtype, device=self.device,
+                          **{k: "(upload)" for k, v in uploads.items() if v is not None})  # checked without files
+        self.limits.check(request)
+        paths = {k: str(save_upload(v, self.outdir / "inputs" / f"{job_id}-{k}.png", self.limits, k.removeprefix("input_")))
+                 for k, v in uploads.items() if v is not None}
         try:
-            inputs, kw, rows, own = plan(args, served.pipe)
-            if max(args.height, args.width) > lim.max_side:
-                raise ValueError(f"size {args.height}x{args.width} is over this server's limit of {lim.max_side} "
-                                 "a side")
-            if len(own) > lim.max_images:
-                raise ValueError(f"{len(own)} images is over this server's limit of {lim.max_images} per job")
+            p = plan(dataclasses.replace(request, **paths), served.pipe)
+            self.limits.check_plan(p)
         except ValueError:
             for path in paths.values():  # a refused request leaves nothing behind
                 Path(path).unlink()
             raise
-        total = len(img2img_grid(torch.arange(args.steps + 1), args.strength)) - 1 if "image" in inputs \
-            else args.steps
-        request = req.model_dump(exclude={"image", "mask"}) | {"model": name, "seed": args.seed}
-        return Job(job_id, name, request, args, inputs, kw, rows, own, total=total)
+        view = req.model_dump(exclude={"image", "mask"}) | {"model": name, "seed": seed}
+        return Job(job_id, name, view, p, Destination(outdir=str(self.outdir)), total=p.total_steps)
 
 
-def create_app(models: Sequence[str] = tuple(BUNDLED), device: str = "cpu", dtype: str = "auto",
+def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype: str = "auto",
                outdir: str | Path = "out/serve", limits: Limits | None = None, threads: int = 0,
                worker_thread: bool = True) -> FastAPI:
     """The FastAPI app serving `models` (bundled names or folders) from one worker on `device`, which samples
@@ -388,17 +353,17 @@ def create_app(models: Sequence[str] = tuple(BUNDLED), device: str = "cpu", dtyp
     queue = server.queue
 
     @app.exception_handler(ValueError)
-    async def bad_request(request: Request, e: ValueError) -> JSONResponse:
+    async def bad_request(request: HTTPRequest, e: ValueError) -> JSONResponse:
         return JSONResponse({"detail": " ".join(str(e).split())}, status_code=413 if isinstance(e, TooLarge) else 400)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         """422 naming each field's problem, without echoing the input (an image may be megabytes, or NaN)."""
         return JSONResponse({"detail": [{k: err[k] for k in ("loc", "msg", "type")} for err in e.errors()]},
                             status_code=422)
 
     @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
+    async def queue_full(request: HTTPRequest, e: QueueFull) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": "5"})
 
     def job_of(job_id: str) -> Job:
@@ -509,17 +474,16 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator
         thread.join(timeout=60)
 
 
-def serve(args: argparse.Namespace) -> None:
-    """`create_app` with the options of `diffusekit serve`, run by uvicorn until interrupted."""
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: anyone who reaches this address can use the server "
+def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, device: str = defaults.DEVICE,
+          dtype: str = defaults.DTYPE, outdir: str | Path = "out/serve", limits: Limits | None = None,
+          threads: int = 0) -> None:
+    """`create_app` on host:port, run by uvicorn until interrupted, its worker in this (the main) thread."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host}: anyone who reaches this address can use the server "
               "(there is no authentication)")
-    limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_side=args.max_side,
-                    max_queue=args.max_queue)
-    app = create_app(args.model or list(BUNDLED), args.device, args.dtype, args.outdir, limits, args.threads,
-                     worker_thread=False)
+    app = create_app(models, device, dtype, outdir, limits, threads, worker_thread=False)
     queue = app.state.server.queue
-    with background(app, args.host, args.port) as url:
+    with background(app, host, port) as url:
         print(f"diffusekit: {', '.join(app.state.server.models)} at {url}/", flush=True)
         try:
             queue.work()  # (uvicorn answers in its thread; the models sample in this one)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from diffusekit import evaluation as ev
 from diffusekit.images import save_grid
-from diffusekit.pipelines.common import generate, load_pipeline
-from diffusekit.training.data import MNIST
+from diffusekit.pipelines import generate, load_pipeline
+from diffusekit.data import MNIST
 
 
 def detail(images: torch.Tensor) -> float:

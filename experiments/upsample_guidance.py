@@ -26,14 +26,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusekit.evaluation import evaluate_samples, load_mnist_classifier
 from diffusekit.guidance import UpsampleGuidance, downsample, upsample
 from diffusekit.images import save_grid
-from diffusekit.pipelines.common import Pipeline, generate, load_pipeline
-from diffusekit.training.data import MNIST
+from diffusekit.pipelines import Pipeline, generate, load_pipeline
+from diffusekit.data import MNIST
 
 Method = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # labels, generator -> images
 
 
 def sampler_kw(args) -> dict:
-    return dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
+    return dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg)
 
 
 def detail(images: torch.Tensor) -> float:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusekit.cli import BUNDLED, main
-from diffusekit.pipelines.common import Pipeline, generate, load_pipeline, save_pipeline
+from diffusekit.bundled import MODELS
+from diffusekit.cli import main
+from diffusekit.pipelines import Pipeline, generate, load_pipeline, save_pipeline
 
 SAMPLE = ["sample", "--steps", "2", "--n", "1", "--labels", "3"]
 
@@ -32,18 +33,18 @@ def fails(argv: list[str], capsys) -> str:
 
 @pytest.fixture(scope="module")
 def mnist() -> Pipeline:
-    return load_pipeline(BUNDLED["mnist"])
+    return load_pipeline(MODELS["mnist"])
 
 
 @pytest.fixture
 def no_sampling(monkeypatch):
     """Fail the test if the CLI gets as far as sampling."""
-    importlib.import_module("diffusekit.training.loop")  # before the patch: it keeps the `generate` it imports
+    importlib.import_module("diffusekit.training.diffusion")  # before the patch: it keeps the `generate` it imports
 
     def sampled(*args, **kwargs):
         raise AssertionError("sampled before checking the arguments")
 
-    monkeypatch.setattr("diffusekit.pipelines.common.generate", sampled)
+    monkeypatch.setattr("diffusekit.requests.generate", sampled)
 
 
 class Evil:
@@ -92,7 +93,7 @@ def test_sample_negative_seed_is_fine(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("n, kwargs, match", [(0, {}, "positive"), (1, {"steps": 0}, "positive"),
-                                              (1, {"cfg_scale": float("nan")}, "finite"), (1, {"ug_eta": 1.5}, "ug_eta")])
+                                              (1, {"cfg": float("nan")}, "finite"), (1, {"ug_eta": 1.5}, "ug_eta")])
 def test_generate_refuses_invalid_numbers(mnist, n, kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(mnist, n, labels=torch.tensor([3] * n), **{"steps": 2, **kwargs})
@@ -124,14 +125,14 @@ def nan_after(calls: int):
 def test_sampled_nan_names_the_step(mnist):
     steps = []
     with pytest.raises(FloatingPointError, match=r"NaN/inf at step 3 of 5 \(sampler ddim\)"):
-        generate(mnist, 1, labels=torch.tensor([3]), steps=5, wrap=nan_after(2),
+        generate(mnist, 1, labels=torch.tensor([3]), sampler="ddim", steps=5, wrap=nan_after(2),
                  callback=lambda i, t, x, p: steps.append(i))
     assert steps == [0, 1, 2, 3, 4]  # a caller's callback still sees every step
     assert generate(mnist, 1, labels=torch.tensor([3]), steps=2, wrap=nan_after(2)).isfinite().all()
 
 
 def test_cli_reports_sampled_nan_in_one_line(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr("diffusekit.pipelines.common.generate", functools.partial(generate, wrap=nan_after(0)))
+    monkeypatch.setattr("diffusekit.requests.generate", functools.partial(generate, wrap=nan_after(0)))
     assert "NaN/inf at step 1 of 2" in fails(SAMPLE + ["--out", str(tmp_path / "a.png")], capsys)
 
 
@@ -155,13 +156,13 @@ def test_os_errors_are_one_line_but_bugs_keep_their_traceback(monkeypatch, capsy
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "model.safetensors")
 
-    monkeypatch.setattr("diffusekit.pipelines.common.load_pipeline", denied)
+    monkeypatch.setattr("diffusekit.requests.load_pipeline", denied)
     assert "Permission denied: 'model.safetensors'" in fails(SAMPLE, capsys)
 
     def bug(*args, **kwargs):
         raise TypeError("a bug")
 
-    monkeypatch.setattr("diffusekit.pipelines.common.load_pipeline", bug)
+    monkeypatch.setattr("diffusekit.requests.load_pipeline", bug)
     with pytest.raises(TypeError, match="a bug"):
         main(SAMPLE)
 
@@ -175,7 +176,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_conditions_the_model_would_ignore_are_refused(tmp_path, capsys, no_sampling):
     from diffusekit.models.unet import UNet, UNetConfig
-    from diffusekit.pipelines.common import DiffusionSettings
+    from diffusekit.denoisers import DiffusionSettings
 
     assert "--prompt" in fails(SAMPLE + ["--prompt", "a seven"], capsys)
     net = UNet(UNetConfig(in_channels=1, out_channels=1, channels=8, channel_mult=(1,), num_res_blocks=1,
@@ -200,7 +201,7 @@ def test_interrupted_training_says_where_it_stopped(monkeypatch, capsys):
     def interrupted(cfg, resume=True, force=False):
         raise KeyboardInterrupt("stopped at step 7; checkpoint saved, run again to resume")
 
-    monkeypatch.setattr("diffusekit.training.loop.train", interrupted)
+    monkeypatch.setattr("diffusekit.training.diffusion.train", interrupted)
     with pytest.raises(SystemExit) as e:
         main(["train", "configs/mnist_unet_14.toml"])
     assert e.value.code == 130
@@ -212,7 +213,7 @@ def _png(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
-    from diffusekit.training.data import ImageFolder, to_tensor
+    from diffusekit.data import ImageFolder, to_tensor
 
     _png(tmp_path / "grey16.png", np.full((8, 8), 32768, dtype=np.uint16))
     with Image.open(tmp_path / "grey16.png") as img:
@@ -225,7 +226,7 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
 
 
 def test_decompression_bombs_and_truncated_images_are_skipped_with_a_warning(tmp_path, monkeypatch):
-    from diffusekit.training.data import ImageFolder
+    from diffusekit.data import ImageFolder
 
     _png(tmp_path / "a_ok.png", np.zeros((8, 8), np.uint8))
     _png(tmp_path / "b_bomb.png", np.zeros((16, 16), np.uint8))  # 256 > 2 x 100 pixels: an error in PIL

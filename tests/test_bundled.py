@@ -4,30 +4,30 @@ Upsample Guidance example), measured with the shipped classifier."""
 import torch
 from safetensors import safe_open
 
-from diffusekit.cli import BUNDLED
+from diffusekit.bundled import MODELS
 from diffusekit.evaluation import class_accuracy, load_mnist_classifier
-from diffusekit.pipelines.common import generate, load_pipeline
+from diffusekit.pipelines import generate, load_pipeline
 
 
 def test_bundled_mnist_model_draws_the_requested_digits():
-    pipe = load_pipeline(BUNDLED["mnist"])
+    pipe = load_pipeline(MODELS["mnist"])
     assert pipe.resolution == (28, 28) and pipe.num_classes == 10 and pipe.autoencoder is None
-    with safe_open(BUNDLED["mnist"] / "model.safetensors", "pt") as f:  # shipped in half precision
+    with safe_open(MODELS["mnist"] / "model.safetensors", "pt") as f:  # shipped in half precision
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     assert next(pipe.net.parameters()).dtype == torch.float32  # computed in float32
     labels = torch.arange(10).repeat(3)
-    images = generate(pipe, len(labels), labels=labels, steps=20, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
+    images = generate(pipe, len(labels), labels=labels, steps=20, cfg=3.0, generator=torch.Generator().manual_seed(1))
     assert images.shape == (30, 1, 28, 28)
     assert class_accuracy(load_mnist_classifier(), images, labels) >= 0.9
 
 
 def test_bundled_14x14_model_draws_28x28_digits_only_with_upsample_guidance():
-    pipe, classifier = load_pipeline(BUNDLED["mnist14"]), load_mnist_classifier()
+    pipe, classifier = load_pipeline(MODELS["mnist14"]), load_mnist_classifier()
     assert pipe.resolution == (14, 14)
     labels = torch.arange(10).repeat(2)
     accuracy = {}
     for w in (None, 0.5):
-        images = generate(pipe, len(labels), labels=labels, height=28, width=28, steps=10, cfg_scale=3.0,
+        images = generate(pipe, len(labels), labels=labels, height=28, width=28, steps=10, cfg=3.0,
                           upsample_guidance=w, generator=torch.Generator().manual_seed(1))
         accuracy[w] = class_accuracy(classifier, images, labels)
     assert accuracy[None] <= 0.6 and accuracy[0.5] >= 0.9, accuracy  # tiled small digits vs one digit
@@ -38,12 +38,12 @@ def test_bundled_super_resolution_model_beats_bicubic_on_unseen_digits():
     bicubic upsampling (PSNR) and with their detail, which bicubic loses."""
     import torch.nn.functional as F
 
-    from diffusekit.training.data import MNIST
+    from diffusekit.data import MNIST
     from experiments.super_resolution import detail, psnr
 
     real = MNIST(indices=slice(-20, None)).images
     low = F.avg_pool2d(real, 2)
-    pipe = load_pipeline(BUNDLED["mnist_sr"])
+    pipe = load_pipeline(MODELS["mnist_sr"])
     sr = generate(pipe, 20, low_res=low, steps=10, generator=torch.Generator().manual_seed(0))
     bicubic = F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1)
     assert psnr(sr, real) > psnr(bicubic, real) + 1.0

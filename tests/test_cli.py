@@ -23,7 +23,7 @@ def test_bad_arguments_exit_with_message(capsys):
 def tiny_model(tmp_path_factory):
     """A 14x14 class-conditional UNet trained for two steps with the real trainer."""
     from diffusekit.training.config import load_config
-    from diffusekit.training.loop import train
+    from diffusekit.training.diffusion import train
 
     out = tmp_path_factory.mktemp("tiny")
     sets = ["model.config.channels=8", "model.config.norm_groups=4", "train.steps=2", "train.batch_size=4",

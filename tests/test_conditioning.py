@@ -46,7 +46,7 @@ def test_min_snr_weighting_puts_min_snr_gamma_on_the_x0_error(kind):
 
 def _pipe(net, text_encoder=None, num_classes=None):
     from diffusekit.denoisers import DiffusionSettings
-    from diffusekit.pipelines.common import Pipeline
+    from diffusekit.pipelines import Pipeline
 
     return Pipeline(net.eval(), DiffusionSettings(), (16, 16), 4, num_classes, None, text_encoder)
 
@@ -55,7 +55,7 @@ def test_a_micro_conditioned_text_model_samples_through_generate():
     """SDXL-style: two text inputs (tokens + pooled) and time_ids, built from the target size by the
     pipeline's conditioner, with negative prompts and CFG."""
     from diffusekit.models import build
-    from diffusekit.pipelines.common import generate
+    from diffusekit.pipelines import generate
 
     enc = load_text_encoder("minilm", max_length=8)
     net = build("unet", dict(in_channels=4, out_channels=4, channels=8, channel_mult=(1, 2), attention_levels=(1,),
@@ -66,14 +66,14 @@ def test_a_micro_conditioned_text_model_samples_through_generate():
     assert cond["time_ids"].tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2
     null = pipe.conditioner.null(cond, ["blurry"])
     assert torch.equal(null["time_ids"], cond["time_ids"]) and null["pooled"].shape == (2, 384)
-    images = generate(pipe, 2, prompts=["a red circle", "a blue square"], negative=["blurry"], cfg_scale=3.0,
+    images = generate(pipe, 2, prompts=["a red circle", "a blue square"], negative=["blurry"], cfg=3.0,
                       steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 4, 16, 16) and torch.isfinite(images).all()
 
 
 def test_cfg_uses_the_networks_own_null_class_and_refuses_a_missing_one():
     from diffusekit.models import build
-    from diffusekit.pipelines.common import generate
+    from diffusekit.pipelines import generate
 
     config = dict(in_channels=4, out_channels=4, channels=8, channel_mult=(1,), attention_levels=(), mid_attention=False,
                   context_dim=None, norm_groups=4, num_classes=10)
@@ -85,8 +85,8 @@ def test_cfg_uses_the_networks_own_null_class_and_refuses_a_missing_one():
     assert dropped["class_labels"].tolist() == [10, 4]  # training's dropout and CFG share the null condition
     without = _pipe(build("unet", {**config, "null_class": False}), num_classes=10)
     g = torch.Generator().manual_seed(0)
-    assert generate(without, 2, labels=labels, cfg_scale=1.0, steps=1, generator=g).shape == (2, 4, 16, 16)
+    assert generate(without, 2, labels=labels, cfg=1.0, steps=1, generator=g).shape == (2, 4, 16, 16)
     with pytest.raises(ValueError, match="needs a null class"):
-        generate(without, 2, labels=labels, cfg_scale=3.0, steps=1, generator=g)
+        generate(without, 2, labels=labels, cfg=3.0, steps=1, generator=g)
     with pytest.raises(ValueError, match="takes no prompts"):
         with_null.conditioner(2, labels, prompts=["a", "b"])

@@ -32,7 +32,7 @@ BAD = [  # (override, regex the error must match)
     ("train.tensorboard=1", r"'train.tensorboard' must be bool, got int 1"),
     ("train.stepz=3", r"'train.stepz'.*did you mean 'steps'"),
     ("sample.sampler=dpmpp2m", r"'sample.sampler' must be one of .*did you mean 'dpmpp_2m'"),
-    ("sample.cfg_scale=nan", r"'sample.cfg_scale' must be finite"),
+    ("sample.cfg=nan", r"'sample.cfg' must be finite"),
     ("sample.steps=0", r"'sample.steps' must be >= 1"),
     ("diffusion.schedule=cosinee", r"'diffusion.schedule' must be one of .*did you mean 'cosine'"),
     ("diffusion.prediction=epsilon", r"'diffusion.prediction' must be one of"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusekit.training.data import MNIST, ImageFolder, Shapes
+from diffusekit.data import MNIST, ImageFolder, Shapes
 
 
 def test_mnist_bundled_resized_and_padded():

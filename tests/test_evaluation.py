@@ -51,7 +51,7 @@ def classifier():
 
 
 def test_shipped_classifier_accuracy_and_feature_space_metrics(classifier):
-    from diffusekit.training.data import MNIST
+    from diffusekit.data import MNIST
 
     data = MNIST()
     held_out = slice(9000, None)

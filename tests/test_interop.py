@@ -15,8 +15,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffusekit.checkpoints import CheckpointError
 from diffusekit.interop.diffusers_unet import load_diffusers_unet, unet_config_from_diffusers
 from diffusekit.interop.diffusers_vae import vae_config_from_diffusers
-from diffusekit.interop.pipelines import load_diffusers_pipeline, load_sd_single_file, settings_from_scheduler
-from diffusekit.pipelines.common import generate
+from diffusekit.interop.components import settings_from_scheduler
+from diffusekit.pipelines.foreign import load_diffusers_pipeline, load_sd_single_file
+from diffusekit.pipelines import generate
 
 from .conftest import gen
 from .test_autoencoder import TINY as TINY_VAE
@@ -104,7 +105,7 @@ def test_sd_folder_generates_like_diffusers(sd):
     """Two DDIM steps with CFG from the same initial latents: our generate equals StableDiffusionPipeline."""
     folder, parts = sd
     pipe = load_diffusers_pipeline(folder)
-    ours = generate(pipe, 1, prompts=["a cat"], steps=2, cfg_scale=3.0, generator=gen(5))
+    ours = generate(pipe, 1, prompts=["a cat"], steps=2, cfg=3.0, generator=gen(5))
     assert ours.shape == (1, 3, 32, 32) and pipe.settings.grid(pipe.schedule, 2).tolist() == [501, 1, -1]
     ref = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
@@ -136,7 +137,7 @@ def test_pixel_ddpm_folder(tmp_path):
     assert (pipe.settings.schedule, pipe.settings.prediction, pipe.settings.spacing) == ("linear", "eps", "leading")
     x, t, theirs, kw = unet_inputs(unet)
     assert max_diff(pipe.net(x, t, **kw), reference(unet, x, t, theirs, kw)) < TOL
-    images = generate(pipe, 2, labels=torch.tensor([1, 4]), sampler="ddpm", steps=2, generator=gen(3))
+    images = generate(pipe, 2, labels=torch.tensor([1, 4]), sampler="ddpm", steps=2, cfg=1.0, generator=gen(3))
     assert images.shape == (2, 3, 16, 16) and bool(images.isfinite().all())
     unet.save_pretrained(tmp_path / "variant", variant="fp16")  # diffusion_pytorch_model.fp16.safetensors
     again = load_diffusers_unet(tmp_path / "variant", dtype=torch.float64, variant="fp16")

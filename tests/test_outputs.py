@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from diffusekit.acceleration import native_dtype
-from diffusekit.cli import BUNDLED, main, make_parser, version
+from diffusekit.bundled import MODELS
+from diffusekit.cli import main, make_parser
+from diffusekit.outputs import version
 from diffusekit.images import read_parameters, save_image
 
 SAMPLE = ["sample", "--sampler", "ddim", "--steps", "2", "--n", "1", "--labels", "3,5"]
@@ -31,7 +33,7 @@ def no_sampling(monkeypatch):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled before checking the arguments")
 
-    monkeypatch.setattr("diffusekit.pipelines.common.generate", sampled)
+    monkeypatch.setattr("diffusekit.requests.generate", sampled)
 
 
 def test_numbered_outputs_never_overwrite(tmp_path, monkeypatch):
@@ -48,7 +50,7 @@ def test_existing_out_needs_overwrite(tmp_path, capsys, monkeypatch):
     out = tmp_path / "grid.png"
     out.write_bytes(b"mine")
     with monkeypatch.context() as m:
-        m.setattr("diffusekit.pipelines.common.generate", lambda *a, **k: pytest.fail("sampled"))
+        m.setattr("diffusekit.requests.generate", lambda *a, **k: pytest.fail("sampled"))
         assert "grid.png exists: pass --overwrite" in fails(SAMPLE + ["--out", str(out)], capsys)
         out.unlink()
         (tmp_path / "grid").mkdir()  # its image folder counts too
@@ -63,7 +65,7 @@ def test_pngs_record_their_parameters(tmp_path):
     out = tmp_path / "grid.png"
     main(SAMPLE + ["--seed", "7", "--cfg", "2", "--spacing", "trailing", "--out", str(out)])
     grid = read_parameters(out)
-    assert grid == {"model": "mnist", "model_path": str(BUNDLED["mnist"].resolve()), "labels": [3, 5],
+    assert grid == {"model": "mnist", "model_path": str(MODELS["mnist"].resolve()), "labels": [3, 5],
                     "prompt": None, "negative": None, "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "spacing": "trailing", "eta": None, "variance": None, "upsample_guidance": None, "ug_eta": 1.0,
                     "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "strength": None,
@@ -120,7 +122,7 @@ def test_sampler_typo_suggests_the_name(capsys, no_sampling):
 @pytest.fixture
 def digit_files(tmp_path):
     """A real digit as a 28x28 PNG, its 14x14 version, and a mask PNG whose white centre is regenerated."""
-    from diffusekit.training.data import MNIST
+    from diffusekit.data import MNIST
 
     digit = MNIST(indices=slice(-1, None)).images[0]
     save_image(digit, tmp_path / "digit.png")
@@ -151,10 +153,10 @@ def test_img2img_and_inpaint_from_the_command_line(digit_files, capsys):
 
 
 def test_upscale_needs_a_super_resolution_model(tmp_path, digit_files, capsys):
-    from diffusekit.training import loop
+    from diffusekit.training import diffusion
     from tests.test_training import tiny
 
-    sr = loop.train(tiny("mnist_sr.toml", tmp_path / "sr", "train.steps=1"))
+    sr = diffusion.train(tiny("mnist_sr.toml", tmp_path / "sr", "train.steps=1"))
     main(["upscale", "--model", str(sr), "--image", str(digit_files / "small.png"), "--n", "1", "--steps", "2",
           "--out", str(tmp_path / "up.png")])
     assert pixels(tmp_path / "up" / "000.png").shape == (28, 28)
@@ -182,7 +184,7 @@ def test_bf16_from_the_command_line_is_recorded_and_close_to_fp32(tmp_path):
 def test_auto_dtype_runs_the_devices_native_precision(tmp_path, monkeypatch, native):
     monkeypatch.setattr("diffusekit.acceleration.native_dtype", lambda device: native)
     seen = []
-    monkeypatch.setattr("diffusekit.acceleration.accelerate", lambda pipe, dtype, compile: seen.append(dtype) or pipe)
+    monkeypatch.setattr("diffusekit.requests.accelerate", lambda pipe, dtype, compile: seen.append(dtype) or pipe)
     main(SAMPLE + ["--out", str(tmp_path / "auto.png")])
     assert seen == [native] and read_parameters(tmp_path / "auto.png")["dtype"] == ("bf16" if native else "fp32")
     main(SAMPLE + ["--dtype", "fp32", "--out", str(tmp_path / "fp32.png")])

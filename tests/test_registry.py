@@ -64,7 +64,7 @@ def test_unknown_type_suggests_a_name():
 
 
 def test_from_pretrained_computes_half_precision_weights_in_float32_on_the_cpu():
-    from diffusekit.evaluation import ASSETS
+    from diffusekit.bundled import ASSETS
 
     net = from_pretrained(ASSETS / "mnist_unet")  # stored in fp16
     assert {p.dtype for p in net.parameters()} == {torch.float32} and not net.training
@@ -74,8 +74,8 @@ def test_from_pretrained_computes_half_precision_weights_in_float32_on_the_cpu()
 def test_loading_skips_initialisation_and_the_import_it_would_cost():
     """A model is built on the meta device with torch.nn.init skipped: initialising meta tensors would import
     torch._dynamo (over a second of every command's start-up) to fill values that the checkpoint replaces."""
-    code = ("import sys; from diffusekit.cli import BUNDLED; from diffusekit.pipelines.common import load_pipeline;"
-            "pipe = load_pipeline(BUNDLED['mnist']); print('torch._dynamo' in sys.modules)")
+    code = ("import sys; from diffusekit.bundled import MODELS; from diffusekit.pipelines import load_pipeline;"
+            "pipe = load_pipeline(MODELS['mnist']); print('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
     seeded = [torch.manual_seed(seed) and build("unet", TINY["unet"]).conv_in.weight for seed in (0, 0, 1)]
     assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])  # elsewhere it initialises

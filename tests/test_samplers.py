@@ -27,7 +27,7 @@ STEPS = {"ddpm": 1000, "euler_ancestral": 1000, "ddim": 500, "euler": 500, "heun
          "dpmpp_2s_ancestral": 200, "dpmpp_sde": 200, "unipc": 100, "lms": 100}
 
 
-def output_moments(sampler, schedule, ts, monkeypatch, **kw):
+def output_moments(sampler, schedule, ts, **kw):
     """Exact mean and covariance of a sampler's output for x_T drawn from the exact marginal at ts[0].
 
     With the Gaussian's (affine) optimal denoiser every sampler is an affine map of x_T and of the noise
@@ -46,8 +46,7 @@ def output_moments(sampler, schedule, ts, monkeypatch, **kw):
         z[1 + D + k * D: 1 + D + (k + 1) * D] = torch.eye(D, dtype=torch.float64)
         return z.reshape(x_.shape)
 
-    monkeypatch.setattr(samplers, "_noise", probe_noise)
-    y = sampler(DATA.denoiser(schedule), x.reshape(B, *DATA.shape), ts, schedule, **kw).reshape(B, D)
+    y = sampler(DATA.denoiser(schedule), x.reshape(B, *DATA.shape), ts, schedule, noise=probe_noise, **kw).reshape(B, D)
     c, A, Bk = y[0], (y[1:1 + D] - y[0]).T, y[1 + D:] - y[0]
     a, b = (v.item() for v in schedule.alpha_sigma(ts[0]))
     mean_T, cov_T = a * MU, a**2 * COV + b**2 * torch.eye(D, dtype=torch.float64)
@@ -62,29 +61,29 @@ def assert_moments(mean, cov, tol):
 
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
 @pytest.mark.parametrize("name", list(SAMPLERS))
-def test_gaussian_oracle(name, schedule_name, monkeypatch):
+def test_gaussian_oracle(name, schedule_name):
     schedule, spacing = SCHEDULES[schedule_name]
     if name == "heun" and schedule_name == "cosine":
         pytest.skip("Heun's trapezoid over cosine's first step (sigma 2e4 -> 60) is too coarse; EDM caps sigma at 80")
     ts = schedule.timesteps(STEPS[name], spacing)
-    assert_moments(*output_moments(SAMPLERS[name], schedule, ts, monkeypatch), tol=0.02)
+    assert_moments(*output_moments(SAMPLERS[name], schedule, ts), tol=0.02)
 
 
 @pytest.mark.parametrize("variance", ["small", "large"])
-def test_ddpm_variances(variance, monkeypatch):
+def test_ddpm_variances(variance):
     schedule = VPSchedule.named("linear")
     ts = schedule.timesteps(1000)
-    assert_moments(*output_moments(samplers.ddpm, schedule, ts, monkeypatch, variance=variance), tol=0.02)
+    assert_moments(*output_moments(samplers.ddpm, schedule, ts, variance=variance), tol=0.02)
 
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
-def test_ddim_eta(eta, monkeypatch):
+def test_ddim_eta(eta):
     schedule = VPSchedule.named("scaled_linear")
     ts = schedule.timesteps(500)
-    assert_moments(*output_moments(samplers.ddim, schedule, ts, monkeypatch, eta=eta), tol=0.02)
+    assert_moments(*output_moments(samplers.ddim, schedule, ts, eta=eta), tol=0.02)
 
 
-def test_oracle_fails_for_a_wrong_sampler(monkeypatch):
+def test_oracle_fails_for_a_wrong_sampler():
     """Negative control: a DDIM that forgets the noise term misses the covariance by far more than 2%."""
 
     def no_noise_ddim(den, x, ts, schedule, **kw):
@@ -92,16 +91,16 @@ def test_oracle_fails_for_a_wrong_sampler(monkeypatch):
 
     schedule = VPSchedule.named("scaled_linear")
     with pytest.raises(AssertionError, match="covariance error"):
-        assert_moments(*output_moments(no_noise_ddim, schedule, schedule.timesteps(100), monkeypatch), tol=0.02)
+        assert_moments(*output_moments(no_noise_ddim, schedule, schedule.timesteps(100)), tol=0.02)
 
 
 @pytest.mark.parametrize("schedule_name", ["scaled_linear", "flow"])
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "ddpm"])
-def test_img2img_start_from_intermediate_time(name, schedule_name, monkeypatch):
+def test_img2img_start_from_intermediate_time(name, schedule_name):
     schedule, spacing = SCHEDULES[schedule_name]
     ts = img2img_grid(schedule.timesteps(STEPS[name], spacing), 0.4)
     assert ts[0] < schedule.t_max and len(ts) - 1 == int(0.4 * STEPS[name])
-    assert_moments(*output_moments(SAMPLERS[name], schedule, ts, monkeypatch), tol=0.02)
+    assert_moments(*output_moments(SAMPLERS[name], schedule, ts), tol=0.02)
 
 
 def test_ddpm_samples_end_to_end():

@@ -147,10 +147,10 @@ class BrownianPath:
         return (self.W(sigma_next) - w) / abs(sigma_next - sigma) ** 0.5
 
 
-def replay(monkeypatch, normals):
-    """Our samplers draw `normals` in order."""
+def replay(normals):
+    """Noise for our samplers that draws `normals` in order."""
     it = iter(normals)
-    monkeypatch.setattr(samplers, "_noise", lambda x, generator: next(it))
+    return lambda x, generator: next(it)
 
 
 @pytest.mark.parametrize("grid", ["leading", "trailing", "karras"])
@@ -173,8 +173,7 @@ def test_dpmpp_sde_matches_diffusers(prediction, grid, monkeypatch):
     sched.noise_sampler = BrownianPath(normals)
     theirs = run_diffusers(sched, x / a[0], {})
     theirs = [th * a[i + 1] for i, th in enumerate(theirs[1::2] + theirs[-1:])]  # after each completed step
-    replay(monkeypatch, normals)
-    ours = trajectory(samplers.dpmpp_sde, toy_net, schedule, x, ts, prediction)
+    ours = trajectory(samplers.dpmpp_sde, toy_net, schedule, x, ts, prediction, noise=replay(normals))
     assert max_rel_diff(ours, theirs) < 1e-5
 
 
@@ -203,7 +202,7 @@ def k_dpmpp_2s_ancestral(model, x, sigmas, noise_sampler):
 
 @pytest.mark.parametrize("grid", ["leading", "karras"])
 @pytest.mark.parametrize("prediction", list(KIND))
-def test_dpmpp_2s_ancestral_matches_k_diffusion(prediction, grid, monkeypatch):
+def test_dpmpp_2s_ancestral_matches_k_diffusion(prediction, grid):
     schedule = VPSchedule.named("scaled_linear")
     den = NetworkDenoiser(toy_net, schedule, KIND[prediction])
     ts = schedule.timesteps(20, grid)
@@ -218,8 +217,7 @@ def test_dpmpp_2s_ancestral_matches_k_diffusion(prediction, grid, monkeypatch):
     it = iter(normals)
     a = schedule.alpha_sigma(ts)[0].tolist()
     theirs = [x_k * a[i + 1] for i, x_k in enumerate(k_dpmpp_2s_ancestral(model, x / a[0], sig, lambda *_: next(it)))]
-    replay(monkeypatch, normals)
-    ours = trajectory(samplers.dpmpp_2s_ancestral, toy_net, schedule, x, ts, prediction)
+    ours = trajectory(samplers.dpmpp_2s_ancestral, toy_net, schedule, x, ts, prediction, noise=replay(normals))
     assert max_rel_diff(ours, theirs) < 1e-5
 
 
@@ -230,10 +228,10 @@ ORACLE_STEPS = {"dpmpp_2m": 100, "dpmpp_2s_ancestral": 250, "dpmpp_sde": 250, "u
 
 @pytest.mark.parametrize("grid", list(GRIDS))
 @pytest.mark.parametrize("name", list(ORACLE_STEPS))
-def test_gaussian_oracle_on_sigma_grids(name, grid, monkeypatch):
+def test_gaussian_oracle_on_sigma_grids(name, grid):
     schedule = SCHEDULES["scaled_linear"][0]
     ts = schedule.timesteps(ORACLE_STEPS[name], grid)
-    assert_moments(*output_moments(samplers.SAMPLERS[name], schedule, ts, monkeypatch), tol=0.02)
+    assert_moments(*output_moments(samplers.SAMPLERS[name], schedule, ts), tol=0.02)
 
 
 def ode_errors(name, kw, schedule_name, t0, t1, ns, before_last=False):

@@ -73,7 +73,7 @@ def test_models_page_and_schema(client):
     models = {m["name"]: m for m in info["models"]}
     assert models["mnist"] | {"dtype": None} == {
         "name": "mnist", "kind": "class", "classes": 10, "resolution": [28, 28], "channels": 1, "factor": 2,
-        "tasks": ["txt2img", "img2img", "inpaint"], "low_res_factor": 0, "dtype": None}
+        "tasks": ["sample", "img2img", "inpaint"], "low_res_factor": 0, "dtype": None}
     assert models["mnist_sr"]["tasks"] == ["upscale"] and models["mnist_sr"]["low_res_factor"] == 2
     assert info["samplers"] == list(SAMPLERS) and info["limits"]["max_steps"] == 60
     assert info["limits"]["max_side"] == 8 * 56  # 8x the largest output side (the SR model's 28 from 14)
@@ -86,7 +86,7 @@ def test_models_page_and_schema(client):
 
 
 def test_job_streams_progress_and_its_png_reruns_from_the_command_line(client, tmp_path):
-    out = run(client, label=3, n=2, steps=6, seed=5)
+    out = run(client, labels=[3], n=2, steps=6, seed=5)
     job, events = out["job"], out["events"]
     kinds = [k for k, _ in events]
     assert kinds[0] == "status" and kinds[-1] == "done" and job["status"] == "done", events[-1]
@@ -94,7 +94,7 @@ def test_job_streams_progress_and_its_png_reruns_from_the_command_line(client, t
     assert steps == sorted(steps) and steps[-1] <= 6 and job["step"] == job["total"] == 6
     preview = next(e["preview"] for k, e in events if k == "progress" and "preview" in e)
     assert Image.open(io.BytesIO(base64.b64decode(preview.split(",")[1]))).size == (2 + 2 * 30, 2 + 30)  # 1 row of 2, padded
-    assert job["request"]["label"] == 3 and job["seed"] == 5 and len(job["images"]) == 2
+    assert job["request"]["labels"] == [3] and job["seed"] == 5 and len(job["images"]) == 2
     images = [pixels(client.get(u).content) for u in job["images"]]
     assert all(a.shape == (28, 28) for a in images) and not np.array_equal(*images)
     grid = tmp_path / "grid.png"
@@ -116,15 +116,15 @@ def test_every_class_and_random_seeds(client):
 
 
 def test_inpaint_img2img_upscale_and_upsample_guidance(client):
-    digit = pixels(client.get(run(client, label=0, n=1, steps=4, seed=1)["job"]["images"][0]).content)
+    digit = pixels(client.get(run(client, labels=[0], n=1, steps=4, seed=1)["job"]["images"][0]).content)
     mask = np.zeros((28, 28), np.uint8)
     mask[8:20, 4:24] = 255
-    job = run(client, task="inpaint", label=0, n=2, steps=4, seed=2, image=png(digit), mask=png(mask))["job"]
+    job = run(client, task="inpaint", labels=[0], n=2, steps=4, seed=2, image=png(digit), mask=png(mask))["job"]
     assert job["status"] == "done" and job["parameters"]["mask"].endswith("-mask.png")
     for url in job["images"]:
         out = pixels(client.get(url).content)
         assert np.array_equal(out[mask == 0], digit[mask == 0]) and not np.array_equal(out, digit)
-    job = run(client, task="img2img", label=7, n=1, steps=10, strength=0.5, seed=3, image=png(digit))["job"]
+    job = run(client, task="img2img", labels=[7], n=1, steps=10, strength=0.5, seed=3, image=png(digit))["job"]
     assert job["status"] == "done" and job["total"] == 5 and job["parameters"]["strength"] == 0.5
     small = np.asarray(Image.fromarray(digit).resize((14, 14), Image.Resampling.BICUBIC))
     job = run(client, task="upscale", model="mnist_sr", n=1, steps=4, seed=4, image=png(small))["job"]
@@ -132,7 +132,7 @@ def test_inpaint_img2img_upscale_and_upsample_guidance(client):
     assert big.shape == (28, 28)
     assert np.abs(np.asarray(Image.fromarray(big).resize((14, 14), Image.Resampling.BICUBIC), float)
                   - small).mean() < 40  # the upscaled digit is still that digit
-    job = run(client, label=1, n=1, steps=4, seed=5, height=56, width=56, upsample_guidance=0.2)["job"]
+    job = run(client, labels=[1], n=1, steps=4, seed=5, height=56, width=56, upsample_guidance=0.2)["job"]
     assert pixels(client.get(job["images"][0]).content).shape == (56, 56)
     assert job["parameters"]["upsample_guidance"] == 0.2
 
@@ -145,13 +145,13 @@ BAD = [  # (request, status, a phrase of the message)
     ({"steps": 61}, 400, "limit of 60"),
     ({"height": 1000}, 400, "limit of 448"),
     ({"n": 65}, 400, "limit of 64"),
-    ({"n": 7, "label": None}, 400, "70 images is over"),  # every class: 10 x 7
-    ({"label": 10}, 400, "out of range"),
-    ({"prompt": "a cat"}, 400, "text-conditional"),
+    ({"n": 7, "labels": None}, 400, "70 images is over"),  # every class: 10 x 7
+    ({"labels": [10]}, 400, "out of range"),
+    ({"prompt": ["a cat"]}, 400, "text-conditional"),
     ({"model": "../../etc/passwd"}, 400, "unknown model"),
     ({"model": "mnist14"}, 400, "unknown model"),  # bundled, but not served here
     ({"task": "upscale"}, 400, "does not do upscale"),
-    ({"task": "txt2img", "model": "mnist_sr"}, 400, "does not do txt2img"),
+    ({"task": "sample", "model": "mnist_sr"}, 400, "does not do sample"),
     ({"task": "inpaint", "image": png(GREY)}, 400, "needs input mask"),
     ({"task": "img2img"}, 400, "needs input image"),
     ({"image": png(GREY)}, 400, "takes no input image"),
@@ -167,14 +167,14 @@ BAD = [  # (request, status, a phrase of the message)
     ({"seed": 2**64}, 422, "less than"),
     ({"steps": 0}, 422, "greater than or equal to 1"),
     ({"upsample_guidance": 11}, 422, "less than or equal to 10"),
-    ({"task": "paint"}, 422, "txt2img"),
-    ({"labels": [1]}, 422, "Extra inputs"),
+    ({"task": "paint"}, 422, "sample"),
+    ({"label": 1}, 422, "Extra inputs"),
 ]
 
 
 @pytest.mark.parametrize("body, status, phrase", BAD, ids=[f"{b}"[:40] for b, _, _ in BAD])
 def test_bad_requests_get_4xx_naming_the_problem(client, body, status, phrase):
-    body = {"steps": 2, "n": 1, "label": 0} | body
+    body = {"steps": 2, "n": 1, "labels": [0]} | body
     r = client.post("/api/jobs", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert phrase in json.dumps(r.json()["detail"]), r.json()
@@ -190,7 +190,7 @@ def test_no_path_reaches_a_file(client, path):
 
 
 def test_images_by_index_only(client):
-    job = run(client, label=2, n=1, steps=2, seed=0)["job"]
+    job = run(client, labels=[2], n=1, steps=2, seed=0)["job"]
     assert client.get(f"/api/jobs/{job['id']}/images/0.png").status_code == 200
     assert client.get(f"/api/jobs/{job['id']}/images/1.png").status_code == 404
     assert client.get(f"/api/jobs/{job['id']}/images/-1.png").status_code == 404
@@ -203,7 +203,7 @@ def test_cancel_queued_and_running_jobs_and_a_full_queue(client):
     deadline = time.monotonic() + 30
     while client.get(f"/api/jobs/{running['id']}").json()["step"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    waiting = [client.post("/api/jobs", json={"n": 1, "steps": 2, "label": k}) for k in range(5)]
+    waiting = [client.post("/api/jobs", json={"n": 1, "steps": 2, "labels": [k]}) for k in range(5)]
     assert [r.status_code for r in waiting] == [202] * 4 + [429]  # max_queue 4: the fifth is refused
     assert "queue is full" in waiting[4].json()["detail"] and waiting[4].headers["retry-after"]
     assert [r.json()["position"] for r in waiting[:4]] == [0, 1, 2, 3]
@@ -235,7 +235,7 @@ def test_concurrent_clients_on_loopback(tmp_path):
     """8 clients submit 24 jobs (3 requests of different labels and seeds, each 8 times) and poll them while
     2 more read the job list: every job completes, in the order of submission, identical requests give identical images,
     and the API answers within bounded time while the worker samples."""
-    requests = [{"label": k, "n": 2, "steps": 4, "seed": 10 + k} for k in range(3)]
+    requests = [{"labels": [k], "n": 2, "steps": 4, "seed": 10 + k} for k in range(3)]
     with live_server(("mnist",), Limits(max_queue=64), outdir=tmp_path) as base:
         latencies: list[float] = []
         lock = threading.Lock()
@@ -274,7 +274,7 @@ def test_concurrent_clients_on_loopback(tmp_path):
         by_request: dict[int, set[bytes]] = {}
         for job in results:
             status, content = call(base + job["images"][1])
-            by_request.setdefault(job["request"]["label"], set()).add(pixels(content).tobytes())
+            by_request.setdefault(job["request"]["labels"][0], set()).add(pixels(content).tobytes())
         assert {k: len(v) for k, v in by_request.items()} == {0: 1, 1: 1, 2: 1}  # same request, same image
         status, listing = call(f"{base}/api/jobs")
         order = sorted(listing["jobs"], key=lambda j: j["created"])  # one worker, first in first out:
@@ -302,7 +302,7 @@ def test_serve_command_starts_serves_and_stops_on_ctrl_c(tmp_path):
             except OSError:
                 time.sleep(0.05)
         assert status == 200 and info["limits"]["max_steps"] == 8 and [m["name"] for m in info["models"]] == ["mnist"]
-        status, job = call(f"{base}/api/jobs", {"label": 4, "n": 1, "steps": 2, "seed": 0})
+        status, job = call(f"{base}/api/jobs", {"labels": [4], "n": 1, "steps": 2, "seed": 0})
         assert wait(base, job["id"])["status"] == "done"
         assert len(list(tmp_path.glob("*/000.png"))) == 1  # written in --outdir as `sample` writes
         proc.send_signal(signal.SIGINT)
@@ -320,18 +320,18 @@ def test_a_text_model_takes_prompt_and_negative_prompt(tmp_path):
     folder = tiny_sd_folder(tmp_path / "sd", tmp_path / "vocab" / "files")[0]
     with TestClient(create_app([str(folder)], dtype="fp32", outdir=tmp_path / "out")) as c:
         info = c.get("/api/models").json()["models"]
-        assert [(m["name"], m["kind"], m["tasks"]) for m in info] == [("sd", "text", ["txt2img", "img2img", "inpaint"])]
-        job = run(c, prompt="a cat", negative_prompt="dog", n=2, steps=2, seed=0)["job"]
+        assert [(m["name"], m["kind"], m["tasks"]) for m in info] == [("sd", "text", ["sample", "img2img", "inpaint"])]
+        job = run(c, prompt=["a cat"], negative=["dog"], n=2, steps=2, seed=0)["job"]
         assert job["status"] == "done", job["error"]
         assert job["parameters"]["prompt"] == ["a cat"] and job["parameters"]["negative"] == ["dog"]
-        other = run(c, prompt="a dog", negative_prompt="dog", n=2, steps=2, seed=0)["job"]
+        other = run(c, prompt=["a dog"], negative=["dog"], n=2, steps=2, seed=0)["job"]
         first = [pixels(c.get(j["images"][0]).content) for j in (job, other)]
         assert not np.array_equal(*first)  # the prompt changes the image
         grid = tmp_path / "grid.png"
         grid.write_bytes(c.get(job["grid"]).content)
         r = c.post("/api/jobs", json={"n": 1, "steps": 2})
         assert r.status_code == 400 and "text-conditional: pass --prompt" in r.json()["detail"]
-        r = c.post("/api/jobs", json={"label": 1, "prompt": "a cat", "n": 1, "steps": 2})
+        r = c.post("/api/jobs", json={"labels": [1], "prompt": ["a cat"], "n": 1, "steps": 2})
         assert r.status_code == 400 and "text-conditional" in r.json()["detail"]
     main(["sample", "--from-png", str(grid), "--out", str(tmp_path / "again.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "000.png").convert("L")), first[0])
@@ -359,10 +359,10 @@ def test_fuzzed_requests_never_break_the_server(client):
 
     tiny = png(np.zeros((28, 28), np.uint8))
     values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
-                       st.text(max_size=30), st.sampled_from(["txt2img", "inpaint", "upscale", "mnist", "mnist_sr",
+                       st.text(max_size=30), st.sampled_from(["sample", "inpaint", "upscale", "mnist", "mnist_sr",
                                                               "euler", "data:image/png;base64,", tiny, "../x"]),
                        st.lists(st.integers(0, 9), max_size=3), st.dictionaries(st.text(max_size=5), st.integers()))
-    keys = st.sampled_from(["task", "model", "prompt", "negative_prompt", "label", "n", "sampler", "steps", "cfg",
+    keys = st.sampled_from(["task", "model", "prompt", "negative", "labels", "n", "sampler", "steps", "cfg",
                             "seed", "height", "width", "upsample_guidance", "ug_eta", "strength", "image", "mask",
                             "bogus"])
 
@@ -388,6 +388,6 @@ def test_the_worker_samples_with_the_threads_asked_for_and_restores_the_setting(
     with TestClient(app) as c:
         app.state.server.queue.models["mnist"].pipe.net.register_forward_hook(
             lambda *_: seen.append(torch.get_num_threads()))
-        assert run(c, label=0, n=1, steps=1, seed=0)["job"]["status"] == "done"
+        assert run(c, labels=[0], n=1, steps=1, seed=0)["job"]["status"] == "done"
     assert seen and set(seen) == {threads + 1}
     assert torch.get_num_threads() == threads  # restored when the server stops

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from diffusekit.acceleration import accelerate, native_dtype
-from diffusekit.cli import BUNDLED
+from diffusekit.bundled import MODELS
 from diffusekit.evaluation import class_accuracy, load_mnist_classifier
-from diffusekit.pipelines.common import generate, load_pipeline
+from diffusekit.pipelines import generate, load_pipeline
 
 LABELS = torch.arange(10).repeat(2)
 
 
 def sample(pipe) -> torch.Tensor:
-    return generate(pipe, len(LABELS), labels=LABELS, sampler="dpmpp_2m", steps=10, cfg_scale=3.0,
+    return generate(pipe, len(LABELS), labels=LABELS, sampler="dpmpp_2m", steps=10, cfg=3.0,
                     generator=torch.Generator().manual_seed(0))
 
 
@@ -28,7 +28,7 @@ def eps(pipe, x, t) -> torch.Tensor:
 
 def test_channels_last_is_the_float32_function():
     x, t = torch.randn(len(LABELS), 1, 28, 28), torch.linspace(0, 999, len(LABELS))
-    pipe = load_pipeline(BUNDLED["mnist"])
+    pipe = load_pipeline(MODELS["mnist"])
     ref, ref_images = eps(pipe, x, t), sample(pipe)
     accelerate(pipe, channels_last=True)
     assert torch.allclose(eps(pipe, x, t), ref, atol=1e-5)
@@ -37,7 +37,7 @@ def test_channels_last_is_the_float32_function():
 
 def test_bf16_is_close_to_float32_and_keeps_the_class_accuracy():
     x, t = torch.randn(len(LABELS), 1, 28, 28), torch.linspace(0, 999, len(LABELS))
-    pipe = load_pipeline(BUNDLED["mnist"])
+    pipe = load_pipeline(MODELS["mnist"])
     ref, ref_images = eps(pipe, x, t), sample(pipe)
     accelerate(pipe, dtype=torch.bfloat16)
     assert next(pipe.net.parameters()).dtype == torch.bfloat16
@@ -52,7 +52,7 @@ def test_bf16_is_close_to_float32_and_keeps_the_class_accuracy():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
 def test_compile_is_the_float32_function():
     x, t = torch.randn(len(LABELS), 1, 28, 28), torch.linspace(0, 999, len(LABELS))
-    pipe = load_pipeline(BUNDLED["mnist"])
+    pipe = load_pipeline(MODELS["mnist"])
     ref = eps(pipe, x, t)
     accelerate(pipe, compile=True)
     assert torch.allclose(eps(pipe, x, t), ref, atol=1e-4)

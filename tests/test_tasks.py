@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from diffusekit.denoisers import DiffusionSettings
-from diffusekit.evaluation import ASSETS
+from diffusekit.bundled import ASSETS
 from diffusekit.models import build
-from diffusekit.pipelines.common import Pipeline, generate, load_pipeline
+from diffusekit.pipelines import Pipeline, generate, load_pipeline
 
 from .conftest import gen
 
@@ -23,7 +23,7 @@ def mnist():
 
 @pytest.fixture(scope="module")
 def digits():
-    from diffusekit.training.data import MNIST
+    from diffusekit.data import MNIST
 
     return MNIST(indices=slice(-4, None)).images  # 4 real digits [4, 1, 28, 28] in [-1, 1]
 
@@ -39,7 +39,7 @@ def tiny_latent_pipe(in_channels=4):
 
 def test_img2img_strength_one_is_text_to_image_and_lower_strength_keeps_the_input(mnist, digits):
     labels = torch.tensor([3, 5, 7, 9])
-    kw = dict(labels=labels, steps=10, cfg_scale=3.0)
+    kw = dict(labels=labels, steps=10, cfg=3.0)
     plain = generate(mnist, 4, generator=gen(1), **kw)
     full = generate(mnist, 4, image=digits, strength=1.0, generator=gen(1), **kw)
     assert torch.equal(plain, full)
@@ -58,7 +58,7 @@ def test_inpainting_keeps_known_pixels_exactly(mnist, digits, sampler):
     mask[..., 8:20, 8:20] = 1  # regenerate the centre
     image, before = digits.clone(), mask.clone()
     out = generate(mnist, 4, labels=torch.tensor([0, 1, 2, 3]), image=image, mask=mask, sampler=sampler, steps=8,
-                   cfg_scale=3.0, generator=gen(0))
+                   cfg=3.0, generator=gen(0))
     known = mask.expand_as(out) == 0
     assert torch.equal(out[known], digits[known])
     assert (out - digits)[~known].abs().mean() > 0.05  # the hole was filled with something else
@@ -70,7 +70,7 @@ def test_latent_inpainting_keeps_the_known_latents(digits):
     image = torch.nn.functional.interpolate(digits, size=(16, 16))
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 5:11, 5:11] = 1
-    z = generate(pipe, 4, labels=torch.arange(4), image=image, mask=mask, steps=4, cfg_scale=2.0, output="latent",
+    z = generate(pipe, 4, labels=torch.arange(4), image=image, mask=mask, steps=4, cfg=2.0, output="latent",
                  generator=gen(0))
     known = pipe.encode(image)
     keep = (1 - torch.nn.functional.max_pool2d(mask, 2)).bool().expand_as(z)
@@ -90,7 +90,7 @@ def test_nine_channel_inpainting_model_gets_mask_and_masked_image(digits):
     image = torch.nn.functional.interpolate(digits[:2], size=(16, 16))
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :] = 1
-    out = generate(pipe, 2, labels=torch.tensor([1, 2]), image=image, mask=mask, steps=2, cfg_scale=2.0, generator=gen(0))
+    out = generate(pipe, 2, labels=torch.tensor([1, 2]), image=image, mask=mask, steps=2, cfg=2.0, generator=gen(0))
     assert out.shape == (2, 1, 16, 16) and seen == [(4, 5, 8, 8)] * 2  # CFG's batch of 2B, mask + 4 latent channels
     with pytest.raises(ValueError, match="inpainting model"):
         generate(pipe, 2, labels=torch.tensor([1, 2]), steps=2)
@@ -98,7 +98,7 @@ def test_nine_channel_inpainting_model_gets_mask_and_masked_image(digits):
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_ancestral", "ddpm"])
 def test_refiner_hand_off_with_the_same_model_equals_one_run(mnist, sampler):
-    kw = dict(labels=torch.tensor([4, 8]), steps=10, cfg_scale=3.0, sampler=sampler)
+    kw = dict(labels=torch.tensor([4, 8]), steps=10, cfg=3.0, sampler=sampler)
     g = gen(3)
     base = generate(mnist, 2, denoising_end=0.6, output="latent", generator=g, **kw)
     refined = generate(mnist, 2, denoising_start=0.6, latents=base, generator=g, **kw)  # the same generator goes on
@@ -126,10 +126,10 @@ def test_sdxl_micro_conditioning_reaches_the_network():
 
 
 def test_super_resolution_preset_trains_saves_and_upscales(tmp_path, digits):
-    from diffusekit.training import loop
+    from diffusekit.training import diffusion
     from tests.test_training import tiny
 
-    model = loop.train(tiny("mnist_sr.toml", tmp_path, "train.steps=2", "train.sample_every=2"))
+    model = diffusion.train(tiny("mnist_sr.toml", tmp_path, "train.steps=2", "train.sample_every=2"))
     assert json.loads((model / "config.json").read_text())["conditioning"]["low_res_factor"] == 2
     pipe = load_pipeline(model)
     low = torch.nn.functional.avg_pool2d(digits, 2)
@@ -166,11 +166,9 @@ def test_bad_task_inputs_are_clear_errors(mnist, kwargs, message):
 
 
 def test_the_pipeline_is_callable_like_diffusers(mnist):
-    from diffusekit.pipelines.common import Pipeline as P
-
-    pipe = P.from_pretrained(ASSETS / "mnist_unet")
+    pipe = load_pipeline(ASSETS / "mnist_unet")
     images = pipe(class_labels=[3, 5], num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0, seed=1)
-    expected = generate(mnist, 4, labels=torch.tensor([3, 3, 5, 5]), steps=4, cfg_scale=3.0, generator=gen(1))
+    expected = generate(mnist, 4, labels=torch.tensor([3, 3, 5, 5]), steps=4, cfg=3.0, generator=gen(1))
     assert torch.equal(images, expected)
     digit = images[:1]
     again = pipe(class_labels=8, image=digit, strength=0.5, num_inference_steps=4, seed=1, sampler="dpmpp_2m")

@@ -14,10 +14,11 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
                           T5EncoderModel, T5Tokenizer)
 
 from diffusekit.checkpoints import CheckpointError
-from diffusekit.cli import main, model_folder
+from diffusekit.bundled import model_folder
+from diffusekit.cli import main
 from diffusekit.conditioning import SD3TextEncoder, SDXLTextEncoder, load_text_encoder
-from diffusekit.interop.pipelines import load_diffusers_pipeline
-from diffusekit.pipelines.common import generate, load_pipeline, save_pipeline
+from diffusekit.pipelines.foreign import load_diffusers_pipeline
+from diffusekit.pipelines import generate, load_pipeline, save_pipeline
 
 from .conftest import gen
 from .test_autoencoder import TINY as TINY_VAE
@@ -124,7 +125,7 @@ def test_generate_matches_diffusers(stack):
     (h, w), n = SIZES[kind], len(PROMPTS)
     negative = None if kind == "sdxl" else NEGATIVE
     ours = generate(pipe, n, prompts=PROMPTS, negative=negative, height=h, width=w, sampler="euler", steps=3,
-                    cfg_scale=4.0, generator=gen(5))
+                    cfg=4.0, generator=gen(5))
     latents = torch.randn(n, 4, h // 2, w // 2, generator=gen(5))
     # our flow grid is shift(linspace(1, 0, steps + 1)): give diffusers its unshifted head
     grid = dict(sigmas=torch.linspace(1, 0, 4)[:-1].tolist()) if kind != "sdxl" else {}

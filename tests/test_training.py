@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from diffusekit.cli import main
 from diffusekit.denoisers import NetworkDenoiser
-from diffusekit.training import loop
+from diffusekit.training import diffusion, loop
 from diffusekit.training.autoencoder import train_autoencoder
 from diffusekit.training.config import load_config
 from diffusekit.training.state import latest_checkpoint
@@ -75,7 +75,7 @@ def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
     if "shapes" in preset:
         extra.append("data.size=64")
     tmp_path = tmp_path / "run"  # a run folder that does not exist yet
-    model = loop.train(tiny(preset, tmp_path, *extra))
+    model = diffusion.train(tiny(preset, tmp_path, *extra))
     rows = log(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     assert (tmp_path / "samples" / "step_0000003.png").is_file() and (tmp_path / "loss.png").is_file()
@@ -90,7 +90,7 @@ def test_autoencoder_trainer_adversarial_start_and_scaling(autoencoders, tmp_pat
     assert "g_loss" not in rows[0] and "g_loss" in rows[-1] and "d_loss" in rows[-1]
     cfg = json.loads((model / "config.json").read_text())
     from diffusekit.checkpoints import from_pretrained
-    from diffusekit.training.data import MNIST
+    from diffusekit.data import MNIST
 
     ae = from_pretrained(model)
     z = ae.to_latent(MNIST(32, pad=2).images[:16])
@@ -100,26 +100,26 @@ def test_autoencoder_trainer_adversarial_start_and_scaling(autoencoders, tmp_pat
 def test_overfitting_a_handful_of_images_lowers_the_loss(tmp_path):
     cfg = tiny("mnist_unet.toml", tmp_path, "train.steps=80", "data.holdout=9992", "train.lr=3e-3",
                "diffusion.min_snr_gamma=0", "model.config.channels=16", "train.log_every=10")
-    loop.train(cfg)
+    diffusion.train(cfg)
     losses = [r["loss"] for r in log(tmp_path)]
     assert losses[-1] < 0.6 * losses[0], losses
 
 
 def test_resume_is_bit_exact(tmp_path):
     args = ["train.ckpt_every=3", "model.config.dropout=0.1"]  # dropout draws from the global RNG
-    loop.train(tiny("mnist_unet.toml", tmp_path / "a", "train.steps=6", *args))
-    loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=3", *args))
-    loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=6", *args))
+    diffusion.train(tiny("mnist_unet.toml", tmp_path / "a", "train.steps=6", *args))
+    diffusion.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=3", *args))
+    diffusion.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=6", *args))
     a, b = weights(tmp_path / "a", 6), weights(tmp_path / "b", 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    loop.train(tiny("mnist_unet.toml", tmp_path / "c", "train.steps=6", "train.seed=1", *args))
+    diffusion.train(tiny("mnist_unet.toml", tmp_path / "c", "train.steps=6", "train.seed=1", *args))
     c = weights(tmp_path / "c", 6)  # negative control: another seed gives other weights
     assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("model."))
 
 
 def test_interrupt_checkpoints_at_a_step_boundary_and_resumes(tmp_path, monkeypatch):
-    loop.train(tiny("mnist_unet.toml", tmp_path / "a", "train.steps=5"))
-    ema = loop.update_ema
+    diffusion.train(tiny("mnist_unet.toml", tmp_path / "a", "train.steps=5"))
+    ema = diffusion.update_ema
     calls = []
 
     def interrupting_ema(*a, **k):
@@ -128,12 +128,12 @@ def test_interrupt_checkpoints_at_a_step_boundary_and_resumes(tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 3
         ema(*a, **k)
 
-    monkeypatch.setattr(loop, "update_ema", interrupting_ema)
+    monkeypatch.setattr(diffusion, "update_ema", interrupting_ema)
     with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
-        loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=5"))
+        diffusion.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=5"))
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_0000003"
-    monkeypatch.setattr(loop, "update_ema", ema)
-    loop.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=5"))
+    monkeypatch.setattr(diffusion, "update_ema", ema)
+    diffusion.train(tiny("mnist_unet.toml", tmp_path / "b", "train.steps=5"))
     a, b = weights(tmp_path / "a", 5), weights(tmp_path / "b", 5)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -142,11 +142,11 @@ def test_nan_loss_is_an_error_naming_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(NetworkDenoiser, "loss", lambda self, x0, *a, **k: self.net(x0, torch.zeros(len(x0)),
                         class_labels=torch.zeros(len(x0), dtype=torch.long)).mean() * float("nan"))
     with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
-        loop.train(tiny("mnist_unet.toml", tmp_path, "train.steps=3"))
+        diffusion.train(tiny("mnist_unet.toml", tmp_path, "train.steps=3"))
 
 
 def test_checkpoints_keep_the_last_k_and_ignore_partial_ones(tmp_path):
-    loop.train(tiny("mnist_unet.toml", tmp_path, "train.steps=4", "train.ckpt_every=1", "train.keep_last=2"))
+    diffusion.train(tiny("mnist_unet.toml", tmp_path, "train.steps=4", "train.ckpt_every=1", "train.keep_last=2"))
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_0000003", "step_0000004"]
     (root / ".tmp-step_0000005-1").mkdir()  # what a crash during a save leaves behind
@@ -188,7 +188,7 @@ def test_bf16_autocast_accumulation_offset_noise_and_flow_targets(tmp_path):
                "diffusion.offset_noise=0.1", "diffusion.schedule='flow'", "diffusion.prediction='flow'",
                "diffusion.timestep_scale=1000.0", "diffusion.t_sampling='logit_normal'", "train.lr=3e-3",
                "train.log_every=10", "data.holdout=9984", "sample.sampler='euler'", "train.sample_every=30")
-    loop.train(cfg)
+    diffusion.train(cfg)
     losses = [r["loss"] for r in log(tmp_path)]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert (tmp_path / "samples" / "step_0000030.png").is_file()
@@ -199,7 +199,7 @@ def test_auto_mixed_precision_is_bf16_where_the_device_computes_it_natively(tmp_
     monkeypatch.setattr(loop, "native_dtype", lambda device: native)
     losses = {}
     for precision in ("auto", "bf16", "no"):
-        loop.train(tiny("mnist_unet.toml", tmp_path / precision, "train.steps=2", "train.log_every=1",
+        diffusion.train(tiny("mnist_unet.toml", tmp_path / precision, "train.steps=2", "train.log_every=1",
                         f"train.mixed_precision='{precision}'"))
         losses[precision] = [r["loss"] for r in log(tmp_path / precision)]
     same, other = ("bf16", "no") if native else ("no", "bf16")
@@ -231,10 +231,10 @@ def test_per_sample_randomness_does_not_depend_on_the_split():
     from diffusekit.training.config import DiffusionSection
 
     d, schedule = DiffusionSection(offset_noise=0.1), VPSchedule.named("linear")
-    whole = loop.draw(0, 5, range(0, 8), (1, 4, 4), schedule, d, posterior=True)
-    halves = [loop.draw(0, 5, r, (1, 4, 4), schedule, d, posterior=True) for r in (range(0, 4), range(4, 8))]
+    whole = diffusion.draw(0, 5, range(0, 8), (1, 4, 4), schedule, d, posterior=True)
+    halves = [diffusion.draw(0, 5, r, (1, 4, 4), schedule, d, posterior=True) for r in (range(0, 4), range(4, 8))]
     assert all(torch.equal(whole[k], torch.cat([h[k] for h in halves])) for k in whole)
-    assert not torch.equal(whole["eps"], loop.draw(0, 6, range(0, 8), (1, 4, 4), schedule, d, True)["eps"])
+    assert not torch.equal(whole["eps"], diffusion.draw(0, 6, range(0, 8), (1, 4, 4), schedule, d, True)["eps"])
     procs = loop.Processes(rank=1, world=2)
     local = procs.shard({"image": torch.arange(8), "caption": list("abcdefgh")})
     assert torch.equal(local["image"], torch.arange(4, 8)) and local["caption"] == list("efgh")
@@ -244,7 +244,7 @@ def test_per_sample_randomness_does_not_depend_on_the_split():
 def test_vq_latent_diffusion_trains_with_cached_latents(tmp_path):
     vq = train_autoencoder(tiny("mnist_autoencoder.toml", tmp_path / "vq", "train.steps=2", "model.type='autoencoder_vq'",
                                 "model.config.embed_dim=4", "model.config.num_embeddings=16"))
-    model = loop.train(tiny("mnist_ldm.toml", tmp_path / "ldm", "train.steps=2", "latent.cache=true",
+    model = diffusion.train(tiny("mnist_ldm.toml", tmp_path / "ldm", "train.steps=2", "latent.cache=true",
                             f"latent.autoencoder={json.dumps(str(vq))}"))
     cache = load_file(tmp_path / "ldm" / "latents.safetensors")
     assert cache["std"].abs().max() == 0 and (model / "autoencoder" / "config.json").is_file()

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from diffusekit.checkpoints import from_pretrained, recover_dir, save_pretrained
-from diffusekit.training import loop, state
+from diffusekit.training import diffusion, state
 from diffusekit.training.state import RunFolder, latest_checkpoint
 from tests.test_training import log, tiny, weights
 
 
 def run(out, *extra):
-    return loop.train(tiny("mnist_unet.toml", out, *extra))
+    return diffusion.train(tiny("mnist_unet.toml", out, *extra))
 
 
 def ema_of(out, step):
@@ -33,16 +33,16 @@ def assert_model_is(model, expected):
 
 def test_rerun_after_a_failed_export_exports_the_last_checkpoint(tmp_path, monkeypatch):
     run(tmp_path, "train.steps=2", "train.ckpt_every=1")
-    export = loop.save_pipeline
+    export = diffusion.save_pipeline
 
     def disk_full(pipe, path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(loop, "save_pipeline", disk_full)
+    monkeypatch.setattr(diffusion, "save_pipeline", disk_full)
     with pytest.raises(OSError, match="No space"):
         run(tmp_path, "train.steps=3", "train.ckpt_every=1")  # checkpoint 3 written, export fails
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
-    monkeypatch.setattr(loop, "save_pipeline", export)
+    monkeypatch.setattr(diffusion, "save_pipeline", export)
     model = run(tmp_path, "train.steps=3", "train.ckpt_every=1")  # nothing left to train: must still export
     assert_model_is(model, ema_of(tmp_path, 3))
 
@@ -80,7 +80,7 @@ def test_a_run_folder_left_between_renames_is_repaired_on_start(tmp_path):
 
 
 def test_nan_weights_are_never_checkpointed_or_exported(tmp_path, monkeypatch):
-    ema = loop.update_ema
+    ema = diffusion.update_ema
     calls = []
 
     def diverging(ema_net, net, decay):
@@ -90,7 +90,7 @@ def test_nan_weights_are_never_checkpointed_or_exported(tmp_path, monkeypatch):
                 next(net.parameters()).fill_(float("nan"))
         ema(ema_net, net, decay)
 
-    monkeypatch.setattr(loop, "update_ema", diverging)
+    monkeypatch.setattr(diffusion, "update_ema", diverging)
     with pytest.raises(FloatingPointError, match=r"not finite at step 3 .*Last finite checkpoint: .*step_0000002"):
         run(tmp_path, "train.steps=5", "train.ckpt_every=1", "train.keep_last=2", "train.log_every=100")
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -120,7 +120,7 @@ def test_resuming_with_other_settings_needs_force(tmp_path):
         run(tmp_path, "train.steps=3", "train.batch_size=4")
     with pytest.raises(ValueError, match=r"model.config.channels: 8 -> 16"):
         run(tmp_path, "train.steps=3", "model.config.channels=16")
-    loop.train(tiny("mnist_unet.toml", tmp_path, "train.steps=3", "train.batch_size=4"), force=True)
+    diffusion.train(tiny("mnist_unet.toml", tmp_path, "train.steps=3", "train.batch_size=4"), force=True)
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
 
 

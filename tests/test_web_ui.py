@@ -123,7 +123,7 @@ def test_page_lists_models_and_samplers(page, server):
     assert Select(page.find_element(By.ID, "sampler")).first_selected_option.get_attribute("value") == "dpmpp_2m"
     assert options(page, "label") == [""] + [str(c) for c in range(10)]
     enabled = [o.get_attribute("value") for o in Select(page.find_element(By.ID, "task")).options if o.is_enabled()]
-    assert enabled == ["txt2img", "img2img", "inpaint"]
+    assert enabled == ["sample", "img2img", "inpaint"]
     assert not page.find_element(By.ID, "prompt").is_displayed()  # a class-conditional model takes no prompt
     assert page.find_element(By.ID, "width").get_attribute("value") == "28"
     assert [e for e in page.get_log("browser") if e["level"] == "SEVERE"] == []
@@ -136,7 +136,7 @@ def test_generate_shows_progress_and_lands_in_gallery(page, server):
     fill(page, label=7, steps=8, n=2, seed=1234)
     assert not page.find_element(By.ID, "random-seed").is_selected()  # typing a seed turns "random" off
     job = generate(page, server)
-    assert job["status"] == "done" and job["request"]["label"] == 7 and job["seed"] == 1234
+    assert job["status"] == "done" and job["request"]["labels"] == [7] and job["seed"] == 1234
     assert job["request"]["steps"] == 8 and len(job["images"]) == 2
     card = page.find_element(By.CSS_SELECTOR, f'#gallery .job[data-id="{job["id"]}"]')
     assert [i.get_attribute("src").split("/api/", 1)[1] for i in card.find_elements(By.TAG_NAME, "img")] == \
@@ -160,7 +160,7 @@ def test_generate_shows_progress_and_lands_in_gallery(page, server):
 
 
 def test_inpaint_keeps_the_unmasked_pixels(page, server):
-    status, source = call(server + "/api/jobs", {"model": "mnist", "label": 3, "n": 1, "steps": 4, "seed": 5})
+    status, source = call(server + "/api/jobs", {"model": "mnist", "labels": [3], "n": 1, "steps": 4, "seed": 5})
     assert status == 202, source
     source = wait(server, source["id"])
     load(page, server)

@@ -8,14 +8,11 @@ ResBlock names are renamed and SpatialTransformer internals are shared with diff
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from ..checkpoints import read_state_dict
-from ..models.unet import UNet, UNetConfig
-from .common import KEEP, Rule, assign, linear_from_conv, rename_key, rename_keys, strip_prefix
+from ..models.unet import UNetConfig
+from .common import KEEP, Rule, linear_from_conv, rename_key, rename_keys, strip_prefix
 from .diffusers_unet import CONV_PROJECTIONS, TRANSFORMER
 
 PREFIX = "model.diffusion_model."
@@ -53,8 +50,3 @@ def unet_state_from_ldm(sd: dict[str, Tensor], config: UNetConfig) -> dict[str, 
         raise ValueError("LDM single-file conversion supports the text-conditioned (cross-attention) UNet only")
     return linear_from_conv(rename_keys(strip_prefix(sd, PREFIX), LDM_UNET, "LDM model.diffusion_model"), CONV_PROJECTIONS)
 
-
-def load_ldm_unet(path: str | Path, config: UNetConfig, device: str = "cpu", dtype: torch.dtype | None = None) -> UNet:
-    """Our UNet from an original Stable Diffusion .safetensors / .ckpt file, for the given config
-    (e.g. `sd15_unet_config()`)."""
-    return assign("unet", config, unet_state_from_ldm(read_state_dict(path, device=device), config), str(path), dtype)

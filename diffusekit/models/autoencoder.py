@@ -318,10 +318,6 @@ class VQAutoencoder(LatentAutoencoder):
         """Quantised latents [B, embed_dim, h, w] -> images [B, out, f h, f w]."""
         return self._decode(z_q, tile_size)
 
-    def decode_codes(self, indices: Tensor) -> Tensor:
-        """Images from code indices [B, h, w]."""
-        return self.decode(self.quantizer.lookup(indices))
-
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(reconstruction, VQ loss, code indices)."""
         z_q, loss, indices = self.quantize(self.encode(x))

@@ -63,11 +63,6 @@ def sd15_unet_config() -> UNetConfig:
     return UNetConfig()
 
 
-def sd2_unet_config() -> UNetConfig:
-    """Stable Diffusion 2.x (OpenCLIP-H text tokens, 64-channel heads)."""
-    return UNetConfig(head_dim=64, context_dim=1024)
-
-
 def sdxl_unet_config() -> UNetConfig:
     """SDXL base (2,567,463,684 parameters): pooled text (1280) + 6 time ids x 256 features."""
     return UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), head_dim=64, context_dim=2048,

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints import save_pretrained
+from ..data import open_dataset
 from ..models import build
 from ..images import save_grid
 from .config import AutoencoderTrainConfig
-from .data import make_dataset
 from .loop import Processes, Trainer, run
 from .state import RunFolder
 
@@ -78,7 +78,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, resume: bool = True, force: b
     `resume` and `force` as for the diffusion trainer."""
     procs = Processes.init(cfg.train.device)
     device, T, A = procs.device, cfg.train, cfg.autoencoder
-    dataset = make_dataset(cfg.data, T.seed)
+    dataset = open_dataset(cfg.data, T.seed)
     torch.manual_seed(T.seed)
     ae = build(cfg.model.type, cfg.model.config, device=device)
     disc = PatchDiscriminator(ae.config.out_channels, A.disc_channels, A.disc_layers).to(device)

@@ -21,11 +21,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .. import defaults
+from ..data import DATASETS
 from ..denoisers import DiffusionSettings
 from ..models import MODELS, model_config
 from ..parametrization import PREDICTION_TYPES
 from ..samplers import SAMPLERS
-from ..schedules import BETA_SCHEDULES, SIGMA_GRIDS
+from ..schedules import SCHEDULES, SPACINGS, T_DISTRIBUTIONS
 from ..validation import Check, at_least, did_you_mean, finite, one_of, positive, type_problem, within
 
 
@@ -121,9 +123,11 @@ class DiffusionTrainSection(TrainSection):
 
 @dataclass
 class SampleSection:
-    sampler: str = "ddim"
-    steps: int = 50
-    cfg_scale: float = 3.0
+    """The preview grids drawn while training (their defaults: the library's)."""
+
+    sampler: str = defaults.SAMPLER
+    steps: int = defaults.STEPS
+    cfg: float = defaults.CFG
     n: int = 8  # images per class (class-conditional) or in all
     prompts: list[str] = field(default_factory=list)  # text models: prompts for the periodic grids
 
@@ -176,18 +180,17 @@ def device_name(v: str) -> str | None:
     return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else f"must be auto, cpu, cuda or cuda:N, got {v!r}"
 
 
-DATASETS = ("mnist", "folder", "shapes")  # as made by training.data.make_dataset
 CHECKS: dict[str, Check] = {  # by full key, after the type check against the annotation
     "model.type": one_of(MODELS),
-    "diffusion.schedule": one_of((*BETA_SCHEDULES, "flow")),
+    "diffusion.schedule": one_of(SCHEDULES),
     "diffusion.timesteps": at_least(1),
     "diffusion.shift": positive,
     "diffusion.beta_range": beta_range,
     "diffusion.prediction": one_of(PREDICTION_TYPES),
     "diffusion.timestep_scale": positive,
-    "diffusion.spacing": one_of(("", "leading", "trailing", "linspace", *SIGMA_GRIDS)),
+    "diffusion.spacing": one_of(("", *SPACINGS)),
     "diffusion.steps_offset": at_least(0),
-    "diffusion.t_sampling": one_of(("uniform", "logit_normal")),
+    "diffusion.t_sampling": one_of(T_DISTRIBUTIONS),
     "diffusion.logit_std": positive,
     "diffusion.min_snr_gamma": at_least(0),
     "diffusion.p_uncond": within(0, 1),
@@ -213,7 +216,7 @@ CHECKS: dict[str, Check] = {  # by full key, after the type check against the an
     "train.device": device_name,
     "sample.sampler": one_of(SAMPLERS),
     "sample.steps": at_least(1),
-    "sample.cfg_scale": finite,
+    "sample.cfg": finite,
     "sample.n": at_least(1),
 }
 

@@ -1,20 +1,12 @@
-"""The run loop every trainer shares, and the diffusion trainer (SPEC §1, §4, §5, §6).
+"""The run loop every trainer shares (the diffusion trainer's and the autoencoder's).
 
 `run` reads top to bottom: resume from the run folder -> per step: learning rate, the trainer's step,
 logs -> preview grids, atomic checkpoints and the exported model -> loss plot. A `Trainer` is what
 differs: its modules and optimizers, one optimizer step, a preview and an export.
-
-The diffusion step: data -> (frozen autoencoder latents) -> conditions with CFG dropout -> t, eps ->
-denoiser.loss -> AdamW (+ accumulation, clipping) -> EMA. Each sample's randomness (t, noise, condition
-dropout, posterior sample) comes from its own generator seeded by (seed, step, position in the global
-batch), and each process encodes only its slice of the batch, so a resumed run, or the same run on K
-processes, computes what one uninterrupted process would.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import os
 import signal
@@ -27,20 +19,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..acceleration import native_dtype
-from ..checkpoints import from_pretrained
-from ..models import build
-from ..conditioning import load_text_encoder
-from ..images import save_grid
-from ..pipelines.common import Pipeline, generate, low_res_condition, save_pipeline
 from ..plots import line_png
-from ..schedules import Schedule
-from .config import AutoencoderTrainConfig, DiffusionSection, TrainConfig, to_dict
-from .data import Batches, LatentCache, make_dataset
+from .batches import Batches
+from .config import AutoencoderTrainConfig, TrainConfig, to_dict
 from .state import RunFolder, latest_checkpoint, read_record, save_checkpoint
 
 
@@ -216,116 +201,6 @@ def window_means(window: list[dict[str, Tensor]]) -> dict[str, float]:
     return dict(zip(keys, means.tolist()))
 
 
-# ----------------------------------------------------------------------------- the diffusion trainer
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-
-
-def draw(seed: int, step: int, positions: range, shape: tuple[int, ...], schedule: Schedule, d: DiffusionSection,
-         posterior: bool, low_res: tuple[int, ...] | None = None) -> dict[str, Tensor]:
-    """The randomness of the samples at `positions` of a step's global batch, each from its own generator
-    seeded by (seed, step, position): time t, noise eps (+ offset noise), the condition-dropout draw u,
-    if `posterior` the latent posterior's noise, and the low-resolution input's noise augmentation (of
-    shape `low_res`). Independent of how the batch is split."""
-    out: dict[str, list[Tensor]] = {"t": [], "eps": [], "u": [], "posterior": [], "low_res": []}
-    for i in positions:
-        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_003 + i) % 2**63)
-        out["t"].append(schedule.sample_t(1, g, d.t_sampling, d.logit_mean, d.logit_std))
-        eps = torch.randn(shape, generator=g)
-        if d.offset_noise:
-            eps = eps + d.offset_noise * torch.randn(shape[0], 1, 1, generator=g)
-        out["eps"].append(eps)
-        out["u"].append(torch.rand(1, generator=g))
-        if posterior:
-            out["posterior"].append(torch.randn(shape, generator=g))
-        if low_res:
-            out["low_res"].append(torch.randn(low_res, generator=g))
-    return {k: torch.cat(v) if k in ("t", "u") else torch.stack(v) for k, v in out.items() if v}
-
-
-def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
-    """Train a diffusion model as configured; returns the exported model folder (EMA weights). `resume`
-    continues from the run folder's last checkpoint (`force`: even with settings that differ from it)."""
-    procs = Processes.init(cfg.train.device)
-    device, T, D = procs.device, cfg.train, cfg.diffusion
-    if T.batch_size % procs.world:
-        raise ValueError(f"batch_size {T.batch_size} must be divisible by the {procs.world} processes")
-    dataset = make_dataset(cfg.data, T.seed)
-    resolution = (cfg.data.resolution, cfg.data.resolution)
-    ae = from_pretrained(cfg.latent.autoencoder, device).eval().requires_grad_(False) if cfg.latent.autoencoder else None
-    text_encoder = load_text_encoder(cfg.text.encoder, cfg.text.max_length, device) if cfg.text.encoder else None
-
-    torch.manual_seed(T.seed)  # initial weights (and dropout) draw from the global generator
-    net = build(cfg.model.type, cfg.model.config, device=device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    num_classes = getattr(dataset, "num_classes", None) if "class_labels" in net.cond_keys else None
-    L = cfg.low_res
-    if L.factor and (ae is not None or cfg.data.resolution % L.factor):
-        raise ValueError(f"super-resolution (low_res.factor {L.factor}) needs a pixel model whose resolution it divides")
-    pipe = Pipeline(ema, D.settings(), resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder,
-                    L.factor, L.noise)
-    opt = torch.optim.AdamW(net.parameters(), lr=T.lr, betas=T.betas, weight_decay=T.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=T.mixed_precision == "fp16")
-    model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
-    if T.compile:
-        model = torch.compile(model)
-    denoiser = D.denoiser(model, pipe.schedule)
-    autocast = torch.autocast(device.type, dtype=torch.float16 if T.mixed_precision == "fp16" else torch.bfloat16,
-                              enabled=autocast_enabled(T.mixed_precision, device))
-    keys = pipe.conditioner.keys
-
-    def moments(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
-        """Pixels x0 (std None), or the latent posterior's mean and std (autoencoder units)."""
-        if "mean" in batch:  # cached posteriors
-            return batch["mean"].to(device), batch["std"].to(device)
-        x = batch["image"].to(device)
-        if ae is None:
-            return x, None
-        with torch.no_grad():
-            return tuple(v.float() for v in ae.latent_moments(x.to(next(ae.parameters()).dtype)))
-
-    def step(data: Iterator[dict[str, Any]], index: int) -> dict[str, Tensor]:
-        losses = []
-        for micro in range(T.grad_accum):
-            batch = procs.shard(next(data))
-            mean, std = moments(batch)
-            sample_posterior = std is not None and cfg.latent.sample_posterior
-            low_shape = (cfg.data.channels, *(s // L.factor for s in resolution)) if L.factor else None
-            r = draw(T.seed, index, procs.positions(T.batch_size, micro * T.batch_size), tuple(mean.shape[1:]),
-                     pipe.schedule, D, sample_posterior, low_shape)
-            x0 = mean if std is None else ae.scale(mean + std * r["posterior"].to(device) if sample_posterior else mean)
-            cond = pipe.conditioner(len(x0), batch.get("label") if "class_labels" in keys else None,
-                                    batch.get("caption") if "context" in keys else None, resolution,
-                                    batch.get("original_size"), batch.get("crop_top_left"), device)
-            if cond and D.p_uncond:
-                cond = pipe.conditioner.drop(cond, r["u"] < D.p_uncond)
-            if L.factor:
-                cond["concat"] = low_res_condition(F.avg_pool2d(x0, L.factor), resolution, r["low_res"].to(device), L.noise)
-            last = micro == T.grad_accum - 1 or procs.world == 1
-            with (contextlib.nullcontext() if last else model.no_sync()), autocast:
-                loss = denoiser.loss(x0, r["t"].to(device), r["eps"].to(device), cond, D.min_snr_gamma or None).mean()
-            scaler.scale(loss / T.grad_accum).backward()
-            losses.append(loss.detach())
-        scaler.unscale_(opt)
-        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), T.grad_clip if T.grad_clip > 0 else float("inf"))
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, net, min(T.ema_decay, (1 + index) / (10 + index)))  # EMA warm-up
-        return {"loss": torch.stack(losses).mean(), "grad_norm": grad_norm}
-
-    low_res = F.avg_pool2d(torch.stack([dataset[i]["image"] for i in range(cfg.sample.n * 4)]), L.factor) if L.factor else None
-    trainer = Trainer({"model": net, "ema": ema}, {"opt": opt}, step, lambda path: sample_grid(cfg, pipe, path, low_res),
-                      lambda path: save_pipeline(pipe, path), T.batch_size * T.grad_accum, scaler)
-    with RunFolder(T.out_dir, procs.main) as folder:
-        if ae is not None and cfg.latent.cache:
-            dataset = LatentCache(dataset, ae, folder.out / "latents.safetensors", device, procs.main)
-        return run(cfg, procs, folder, dataset, trainer, torch.Generator().manual_seed(T.seed), resume, force)
-
-
 def tensorboard_writer(out: Path):
     """A TensorBoard SummaryWriter under out/tensorboard, or None (with a warning) if tensorboard is missing."""
     try:
@@ -334,30 +209,6 @@ def tensorboard_writer(out: Path):
         warnings.warn("train.tensorboard is set but the tensorboard package is not installed; logging to log.jsonl only")
         return None
     return SummaryWriter(out / "tensorboard")
-
-
-def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path, low_res: Tensor | None = None) -> Path | None:
-    """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional (super-
-    resolution models: of `low_res` images). A grid that comes out NaN is a warning (the loss, checked at every
-    log line, decides whether to stop)."""
-    S = cfg.sample
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    labels, prompts, rows = None, None, None
-    if pipe.num_classes:
-        labels = torch.arange(pipe.num_classes).repeat_interleave(S.n)
-        rows = [str(c) for c in range(pipe.num_classes)]
-    elif pipe.text_encoder is not None:
-        base = S.prompts or ["a large red circle", "a small blue square above a green triangle"]
-        prompts = [p for p in base for _ in range(S.n)]
-        rows = base
-    n = len(labels) if labels is not None else len(prompts) if prompts else S.n * 4
-    try:
-        images = generate(pipe, n, labels=labels, prompts=prompts, sampler=S.sampler, steps=S.steps,
-                          cfg_scale=S.cfg_scale, low_res=low_res, generator=g)
-    except FloatingPointError as e:
-        warnings.warn(f"preview {path.name} skipped: {e}")
-        return None
-    return save_grid(images, path, nrow=S.n, row_labels=rows, scale=2)
 
 
 def plot_log(out: Path) -> None:

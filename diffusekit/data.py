@@ -1,5 +1,4 @@
-"""Datasets: bundled MNIST, folders of images with labels or captions, procedural captioned shapes;
-and what the trainers draw from them: resumable global batches, cached autoencoder latents.
+"""Datasets: bundled MNIST, folders of images with labels or captions, procedural captioned shapes.
 
 Every dataset returns samples as dicts: `image` [C, H, W] float in [-1, 1] and, where present,
 `label` (int), `caption` (str), `original_size` (h, w) and `crop_top_left` (top, left) for SDXL-style
@@ -10,28 +9,22 @@ resumed run sees exactly the data it would have seen.
 from __future__ import annotations
 
 import json
-import os
 import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from ..images import from_pil, to_8bit
-from .config import DataSection
-from .state import Progress
+from .bundled import MNIST_DIGITS
+from .images import from_pil, to_8bit
 
-MNIST_PATH = Path(__file__).resolve().parent.parent / "assets" / "mnist10k.npz"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -46,7 +39,7 @@ class MNIST(Dataset):
 
     num_classes = 10
 
-    def __init__(self, resolution: int = 28, pad: int = 0, indices: slice | None = None, path: Path = MNIST_PATH):
+    def __init__(self, resolution: int = 28, pad: int = 0, indices: slice | None = None, path: Path = MNIST_DIGITS):
         data = np.load(path)
         x = torch.from_numpy(data["images"]).float().div(127.5).sub(1)[:, None]  # (N, 1, 28, 28) in [-1, 1]
         x = F.pad(x, (pad,) * 4, value=-1.0)
@@ -197,19 +190,6 @@ class Shapes(Dataset):
         return {"image": to_tensor(img, 3), "caption": caption}
 
 
-# ----------------------------------------------------------------------------- batches for the trainers
-
-def make_dataset(cfg: DataSection, seed: int = 0):
-    """The dataset a config names."""
-    if cfg.dataset == "mnist":
-        return MNIST(cfg.resolution, cfg.pad, slice(0, 10_000 - cfg.holdout))
-    if cfg.dataset == "folder":
-        return ImageFolder(cfg.path, cfg.resolution, cfg.channels, cfg.random_crop, cfg.random_flip, seed)
-    if cfg.dataset == "shapes":
-        return Shapes(cfg.resolution, cfg.size, seed)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: mnist, folder, shapes")
-
-
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in samples[0]:
@@ -218,82 +198,15 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class Batches:
-    """Global batches in a seeded per-epoch permutation, resumable from (epoch, batch)."""
-
-    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, progress: Progress):
-        if len(dataset) < batch_size:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
-        self.dataset, self.batch_size, self.seed, self.workers = dataset, batch_size, seed, num_workers
-        self.progress = progress
-
-    def _order(self, epoch: int) -> list[list[int]]:
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        n = len(perm) // self.batch_size
-        return perm[:n * self.batch_size].reshape(n, self.batch_size).tolist()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            p = self.progress
-            order = self._order(p.epoch)[p.batch:]
-            if hasattr(self.dataset, "epoch"):
-                self.dataset.epoch = p.epoch
-            if hasattr(self.dataset, "get_batch"):
-                batches = (self.dataset.get_batch(b) for b in order)
-            else:
-                batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=order, collate_fn=collate,
-                                                           num_workers=self.workers))
-            for batch in batches:
-                p.batch += 1
-                yield batch
-            p.epoch, p.batch = p.epoch + 1, 0
+DATASETS: dict[str, Callable[..., Dataset]] = {  # a data config's `dataset` -> the dataset it opens
+    "mnist": lambda d, seed: MNIST(d.resolution, d.pad, slice(0, 10_000 - d.holdout)),
+    "folder": lambda d, seed: ImageFolder(d.path, d.resolution, d.channels, d.random_crop, d.random_flip, seed),
+    "shapes": lambda d, seed: Shapes(d.resolution, d.size, seed),
+}
 
 
-class LatentCache:
-    """A dataset encoded once by a frozen autoencoder: posterior means and stds (a VQ encoding with std
-    0) in memory and on disk, with the labels or captions of the images."""
-
-    def __init__(self, dataset, ae: nn.Module, path: Path, device: torch.device, main: bool):
-        if getattr(dataset, "crop", None) is not None and (dataset.crop.random_crop or dataset.crop.random_flip):
-            raise ValueError("latent caching needs deterministic images: turn off random_crop / random_flip or latent.cache")
-        if main and not path.is_file():
-            self._encode(dataset, ae, path, device)
-        if dist.is_initialized():
-            dist.barrier()
-        data = load_file(path)
-        self.mean, self.std = data["mean"], data["std"]
-        self.labels = data.get("label")
-        self.captions = json.loads((path.with_suffix(".json")).read_text()) if path.with_suffix(".json").is_file() else None
-
-    @staticmethod
-    @torch.no_grad()
-    def _encode(dataset, ae: nn.Module, path: Path, device: torch.device) -> None:
-        means, stds, labels, captions = [], [], [], []
-        for i in tqdm(range(0, len(dataset), 64), desc="encoding latents"):
-            batch = collate([dataset[j] for j in range(i, min(i + 64, len(dataset)))])
-            mean, std = ae.latent_moments(batch["image"].to(device, next(ae.parameters()).dtype))
-            means.append(mean.float().cpu())
-            stds.append(std.float().cpu())
-            labels += batch.get("label", torch.empty(0)).tolist()
-            captions += batch.get("caption", [])
-        tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if labels:
-            tensors["label"] = torch.tensor(labels)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp)
-        if captions:
-            path.with_suffix(".json").write_text(json.dumps(captions))
-        os.replace(tmp, path)
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def get_batch(self, indices: list[int]) -> dict[str, Any]:
-        idx = torch.as_tensor(indices)
-        batch: dict[str, Any] = {"mean": self.mean[idx], "std": self.std[idx]}
-        if self.labels is not None:
-            batch["label"] = self.labels[idx]
-        if self.captions is not None:
-            batch["caption"] = [self.captions[i] for i in indices]
-        return batch
+def open_dataset(d: Any, seed: int = 0) -> Dataset:
+    """The dataset a data config `d` names (its dataset, resolution, ... fields: training.config.DataSection)."""
+    if d.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {d.dataset!r}; valid: {', '.join(DATASETS)}")
+    return DATASETS[d.dataset](d, seed)

@@ -1,0 +1,30 @@
+"""What ships inside the package: the assets folder, the bundled models by name, the MNIST digits and the
+MNIST feature classifier. Every other module finds them here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .validation import did_you_mean
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODELS = {  # bundled name -> model folder
+    "mnist": ASSETS / "mnist_unet",  # class-conditional 28x28 UNet
+    "mnist14": ASSETS / "mnist_unet_14",  # the same at 14x14
+    "mnist_sr": ASSETS / "mnist_sr",  # super-resolution 14x14 -> 28x28
+}
+MNIST_DIGITS = ASSETS / "mnist10k.npz"  # 10,000 MNIST digits (MIT): images uint8 [N, 28, 28], labels
+MNIST_CLASSIFIER = ASSETS / "mnist_classifier"  # the feature classifier of `diffusekit eval`
+MODEL_FILES = (".safetensors", ".ckpt")  # single-file Stable Diffusion checkpoints
+
+
+def model_folder(name: str | Path) -> Path:
+    """The folder of a bundled model's name, or `name` itself if it is a folder (ours or a diffusers pipeline's)
+    or a Stable Diffusion single file (.safetensors / .ckpt)."""
+    if str(name) in MODELS:
+        return MODELS[str(name)]
+    path = Path(name)
+    if path.is_dir() or (path.is_file() and path.suffix in MODEL_FILES):
+        return path
+    raise ValueError(f"model {str(name)!r} is neither a model folder, a Stable Diffusion .safetensors / .ckpt file "
+                     f"nor a bundled model ({', '.join(MODELS)}){did_you_mean(str(name), MODELS)}")

@@ -1,0 +1,16 @@
+"""The defaults of a generation, in one table: `generate`, the diffusers-style `Pipeline.__call__`, the request
+that the command line and the web API build, and the training previews all read them here."""
+
+SAMPLER = "dpmpp_2m"  # with 20 steps, the quality of 50 DDIM steps on the bundled models (BENCHMARKS.md)
+STEPS = 20
+CFG = 3.0  # classifier-free guidance scale (1: the conditional model alone)
+UG_ETA = 1.0  # Upsample Guidance acts while t >= (1 - eta) T
+UG_W = 0.2  # the Upsample Guidance weight suggested to users (the hint, the web UI's default)
+UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)
+STRENGTH = {"img2img": 0.6, "inpaint": 1.0}  # how far down the schedule an input is noised, by task
+N = 8  # images per label / prompt
+SEED = 0
+GRID_SCALE = 2  # pixel magnification in written grids
+REFINER_START = 0.8  # the fraction of the steps after which a refiner takes over
+DTYPE = "auto"  # the network's compute precision: bf16 where the device computes it natively, else fp32
+DEVICE = "cpu"

@@ -1,0 +1,121 @@
+"""The task inputs of a generation, checked against the pipeline before any work (so that a front-end can check
+a request before queueing it), and what they become for the sampler: the known region of img2img and
+inpainting, and the concatenated conditions of inpainting models and super-resolution."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+def upsample_factor(pipe: Pipeline, height: int, width: int) -> int:
+    """s = height / training height for Upsample Guidance (an integer >= 2, dividing the width too); the
+    low-resolution call then runs at (height / s) x (width / s), which may be non-square."""
+    h = pipe.resolution[0]
+    s = height // h
+    if height % h or s < 2 or width % s:
+        raise ValueError(f"Upsample Guidance needs the height {height} to be an integer multiple s >= 2 of the "
+                         f"training height {h}, and the width {width} divisible by that s")
+    pipe.latent_shape(height // s, width // s)  # the low-resolution call must fit the network too
+    return s
+
+
+def check_inputs(pipe: Pipeline, n: int, height: int, width: int, image: Tensor | None = None,
+                 mask: Tensor | None = None, low_res: Tensor | None = None,
+                 upsample_guidance: float | None = None) -> tuple[tuple[int, int, int], Tensor | None,
+                                                                  Tensor | None, Tensor | None]:
+    """generate's checks of its inputs against the model, cheap enough to run before queueing the work: the
+    diffusion state's shape (C, h, w), and the image, mask and low-resolution input as n images each (or None).
+    Raises ValueError naming the problem (size not divisible, wrong channels, mask size, UG size, ...)."""
+    shape = pipe.latent_shape(height, width)
+    if image is not None:
+        image = check_image(image, n, pipe.channels, (height, width), "image")
+    if mask is not None:
+        if image is None:
+            raise ValueError("inpainting needs the image as well as the mask")
+        mask = check_mask(mask, n, (height, width))
+    elif pipe.is_inpainting:
+        raise ValueError(f"this is an inpainting model ({pipe.net.config.in_channels} input channels): pass image and mask")
+    if (low_res is not None) != bool(pipe.low_res_factor):
+        raise ValueError("low_res is for super-resolution models, and they need it" if pipe.low_res_factor
+                         else "this model is not a super-resolution model: it takes no low_res")
+    if low_res is not None:
+        f = pipe.low_res_factor
+        low_res = check_image(low_res, n, pipe.channels, (height // f, width // f), "low_res")
+    if upsample_guidance is not None:
+        upsample_factor(pipe, height, width)
+    return shape, image, mask, low_res
+
+
+def check_image(image: Tensor, n: int, channels: int, size: tuple[int, int], what: str,
+                value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
+    """An input batch [1 or n, channels, H, W] of values in `value_range`, as n images (never modified in place)."""
+    if not torch.is_tensor(image) or image.ndim != 4:
+        raise ValueError(f"{what} must be a tensor [N, C, H, W], got {getattr(image, 'shape', type(image).__name__)}")
+    if image.shape[0] not in (1, n):
+        raise ValueError(f"{what} holds {image.shape[0]} images; pass 1 or {n}")
+    if image.shape[1] != channels:
+        raise ValueError(f"{what} has {image.shape[1]} channels; this model takes {channels}")
+    if tuple(image.shape[-2:]) != tuple(size):
+        raise ValueError(f"{what} is {image.shape[-2]}x{image.shape[-1]}; it must be {size[0]}x{size[1]}")
+    lo, hi = value_range
+    if not bool(torch.isfinite(image).all()) or image.min() < lo - 1e-3 or image.max() > hi + 1e-3:
+        raise ValueError(f"{what} values must be finite and in [{lo:g}, {hi:g}] "
+                         f"(got [{image.min():.3g}, {image.max():.3g}])")
+    return image.float().expand(n, -1, -1, -1)
+
+
+def check_mask(mask: Tensor, n: int, size: tuple[int, int]) -> Tensor:
+    """A binary(-ish) inpainting mask [1 or n, 1, H, W] in [0, 1] (1 = generate), thresholded at 0.5."""
+    mask = check_image(mask, n, 1, size, "mask", (0.0, 1.0))
+    undecided = ((mask > 0.1) & (mask < 0.9)).float().mean().item()
+    if undecided > 0.05:
+        raise ValueError(f"mask is not binary: {undecided:.0%} of its values lie between 0.1 and 0.9")
+    return (mask > 0.5).float()
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """N(0, I) noise drawn on the generator's device (the CPU without one), so that a seed gives the same
+    noise wherever the model runs; then moved to `device`."""
+    return torch.randn(tuple(shape), generator=generator, device=generator.device if generator else "cpu").to(device)
+
+
+def low_res_condition(low_res: Tensor, size: Sequence[int], z: Tensor, noise: float) -> Tensor:
+    """Super-resolution's concatenated condition: the low-resolution image plus noise * z (noise
+    augmentation), resized (bilinear) to the diffusion state's size."""
+    return F.interpolate(low_res + noise * z, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class TaskInputs(NamedTuple):
+    """What the checked task inputs become in the diffusion state's terms."""
+
+    known: Tensor | None  # the encoded input image (img2img's start, inpainting's known region)
+    keep: Tensor | None  # inpainting: 1 where the state is known (a latent pixel is known if all its pixels are)
+    concat: Tensor | None  # the condition concatenated to the network's input (inpainting models, super-resolution)
+
+
+def encode_inputs(pipe: Pipeline, shape: tuple[int, int, int], image: Tensor | None, mask: Tensor | None,
+                  low_res: Tensor | None, generator: torch.Generator | None) -> TaskInputs:
+    """Encode the checked inputs: the image, the mask pooled to the state's resolution, and the concatenated
+    condition (mask + masked-image latent for inpainting models; the noise-augmented low-resolution image,
+    whose noise is drawn from `generator`, for super-resolution)."""
+    known = keep = concat = None
+    if image is not None:
+        known = pipe.encode(image.to(pipe.device))
+    if mask is not None:
+        mask = mask.to(pipe.device)
+        keep = 1 - F.max_pool2d(mask, pipe.factor)
+        if pipe.is_inpainting:
+            masked = pipe.encode(image.to(pipe.device) * (1 - mask))
+            concat = torch.cat([F.interpolate(mask, size=shape[1:]), masked], dim=1)
+    if low_res is not None:
+        low_res = low_res.to(pipe.device)
+        z = randn(low_res.shape, generator, pipe.device)
+        concat = low_res_condition(low_res, shape[1:], z, pipe.low_res_noise)
+    return TaskInputs(known, keep, concat)

@@ -1,0 +1,118 @@
+"""What a pipeline is: a denoiser network with its diffusion settings, training size, conditioning, and for
+latent models its autoencoder; what it can do follows from these (its conditioning kind, its tasks).
+
+A diffusekit model folder holds the network (config.json + model.safetensors, whose config.json also records
+the diffusion settings, the training image size and the conditioning), and for latent models its frozen
+autoencoder in `autoencoder/` (see `loading`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import defaults
+from ..conditioning import Conditioner, PromptEncoder
+from ..denoisers import DiffusionSettings, NetworkDenoiser
+from .generate import generate
+
+
+@dataclass
+class Pipeline:
+    """A denoiser network with everything needed to turn conditions into images."""
+
+    net: nn.Module
+    settings: DiffusionSettings
+    resolution: tuple[int, int]  # training image size (H, W)
+    channels: int  # image channels
+    num_classes: int | None = None
+    autoencoder: nn.Module | None = None
+    text_encoder: PromptEncoder | None = None
+    text_encoder_name: str = ""
+    low_res_factor: int = 0  # super-resolution models: the low-resolution input is H / f x W / f
+    low_res_noise: float = 0.0  # and is noise-augmented with this standard deviation
+
+    def __post_init__(self):
+        self.schedule = self.settings.make_schedule()
+        self.conditioner = Conditioner(self.net, self.text_encoder, self.num_classes)
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+                 class_labels: int | Sequence[int] | None = None, num_images_per_prompt: int = 1,
+                 num_inference_steps: int = defaults.STEPS, guidance_scale: float = defaults.CFG,
+                 seed: int | None = None, mask_image: Tensor | None = None, **kw: Any) -> Tensor:
+        """diffusers-style call, an adapter from diffusers' names to `generate`'s: images [n, C, H, W] in
+        [-1, 1] for each prompt / class label (or unconditional) times num_images_per_prompt; every other
+        keyword goes to `generate` (height, width, sampler, generator, upsample_guidance, image, strength, ...)."""
+        def repeat(v: Any) -> list[Any] | None:  # each prompt / label num_images_per_prompt times
+            return None if v is None else [x for x in ([v] if isinstance(v, (str, int)) else v)
+                                           for _ in range(num_images_per_prompt)]
+
+        prompts, labels = repeat(prompt), repeat(class_labels)
+        negative = [negative_prompt] if isinstance(negative_prompt, str) else repeat(negative_prompt)
+        labels = torch.tensor(labels) if labels is not None else None
+        n = len(prompts) if prompts else len(labels) if labels is not None else num_images_per_prompt
+        if seed is not None:
+            kw.setdefault("generator", torch.Generator().manual_seed(seed))
+        return generate(self, n, labels=labels, prompts=prompts, negative=negative, steps=num_inference_steps,
+                        cfg=guidance_scale, mask=mask_image, **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def conditioning(self) -> str:
+        """What the network is conditioned on: 'class' (labels), 'text' (prompts) or 'unconditional'."""
+        return "class" if self.num_classes else "text" if self.text_encoder is not None else "unconditional"
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent pixel (1 in pixel space)."""
+        return self.autoencoder.downsample_factor if self.autoencoder is not None else 1
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the diffusion state (the autoencoder's latent channels, or the image's)."""
+        return self.autoencoder.config.latent_channels if self.autoencoder is not None else self.channels
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the network is a dedicated inpainting model (SD's 9-channel form: noisy state + mask + the masked
+        image's latent), which needs an image and a mask."""
+        return not self.low_res_factor and self.net.config.in_channels != self.latent_channels
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the pipeline can do: 'upscale' (super-resolution models), 'inpaint' (inpainting models), or
+        'sample', 'img2img' and 'inpaint' (training-free) for every other model."""
+        if self.low_res_factor:
+            return ("upscale",)
+        return ("inpaint",) if self.is_inpainting else ("sample", "img2img", "inpaint")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this (the network's and the autoencoder's downsampling)."""
+        return getattr(self.net, "downsample_factor", 1) * self.factor
+
+    def denoiser(self) -> NetworkDenoiser:
+        return self.settings.denoiser(self.net, self.schedule)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Shape (C, h, w) of the diffusion state for an image of height x width."""
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"image size {height}x{width} must be divisible by {self.size_multiple} for this model")
+        return self.latent_channels, height // self.factor, width // self.factor
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images -> float32 diffusion states (the posterior mean, or a sample drawn with `generator`)."""
+        if self.autoencoder is None:
+            return x
+        return self.autoencoder.to_latent(x.to(next(self.autoencoder.parameters()).dtype), generator).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        if self.autoencoder is None:
+            return z
+        return self.autoencoder.from_latent(z.to(next(self.autoencoder.parameters()).dtype))

@@ -1,0 +1,300 @@
+"""One generation as a user asks for it, checked once and resolved once: the command line and the web API each
+build a `Request`, and this module turns it into the `generate` call that runs it.
+
+    Request (checked on creation) -> load_model -> plan(request, pipe): checked against the model, resolved into
+    generate's inputs and keywords (Plan) -> run(plan, pipe) -> images -> outputs.write
+
+The field names are the vocabulary of every front-end: the command line's options, the web API's JSON fields
+and the generation parameters recorded in each PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import defaults
+from .acceleration import DTYPES, accelerate, resolve_dtype
+from .bundled import model_folder
+from .images import load_image
+from .pipelines import Pipeline, generate, load_pipeline
+from .pipelines.inputs import check_inputs
+from .samplers import DDPM_VARIANCES, SAMPLERS, Callback, taking
+from .schedules import SPACINGS, img2img_grid
+from .validation import Check, at_least, available_device, did_you_mean, finite, within
+
+TASKS = ("sample", "img2img", "inpaint", "upscale")
+SAMPLER_OPTIONS = ("eta", "variance")  # the sampler options a request may set (samplers declare which they take)
+
+
+def ug_weight(w: float) -> str | None:
+    """A check for Upsample Guidance weights: -1 (off) or in [0, UG_MAX]."""
+    return None if w == -1 or 0 <= w <= defaults.UG_MAX else f"must be -1 (off) or in [0, {defaults.UG_MAX:g}], got {w}"
+
+
+def named(what: str, names: typing.Collection[str]) -> Check:
+    """A check for a name in `names`; others are refused naming the closest one, or all."""
+    def check(v: str) -> str | None:
+        return None if v in names else f"unknown {what} {v!r}{did_you_mean(v, names) or '; valid: ' + ', '.join(names)}"
+
+    return check
+
+
+CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; the command line's types use them too
+    "task": named("task", TASKS),
+    "n": at_least(1),
+    "sampler": named("sampler", SAMPLERS),
+    "steps": at_least(1),
+    "cfg": finite,
+    "spacing": named("spacing", SPACINGS),
+    "eta": within(0, 1),
+    "variance": named("variance", DDPM_VARIANCES),
+    "upsample_guidance": ug_weight,
+    "ug_eta": within(0, 1),
+    "height": at_least(1),
+    "width": at_least(1),
+    "scale": at_least(1),
+    "strength": lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}",
+    "refiner_start": within(0, 1),
+    "dtype": named("dtype", ("auto", *DTYPES)),
+    "device": available_device,
+}
+NEEDS = {"sample": (), "img2img": ("input_image",), "inpaint": ("input_image", "mask"), "upscale": ("input_image",)}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: what to sample (model, task, labels or prompts, inputs), how (sampler and its options,
+    steps, guidance, size, seed) and where it runs (device, dtype). None is the model's own value (size,
+    spacing), every class (labels), or the sampler's default (eta, variance)."""
+
+    model: str = "mnist"  # a bundled model's name or a model folder / SD single file
+    task: str = "sample"  # sample, img2img, inpaint, upscale
+    labels: list[int] | None = None  # class labels, one grid row each (class-conditional models)
+    prompt: list[str] | None = None  # prompts, one grid row each (text-conditional models)
+    negative: list[str] | None = None  # one negative prompt, or one per prompt
+    n: int = defaults.N  # images per label / prompt
+    seed: int = defaults.SEED
+    sampler: str = defaults.SAMPLER
+    steps: int = defaults.STEPS
+    cfg: float = defaults.CFG
+    spacing: str | None = None
+    eta: float | None = None
+    variance: str | None = None
+    upsample_guidance: float | None = None  # w; -1 or None is off
+    ug_eta: float = defaults.UG_ETA
+    height: int | None = None
+    width: int | None = None
+    scale: int = defaults.GRID_SCALE  # pixel magnification in the grid
+    input_image: str | None = None  # img2img / inpaint / upscale input (a file)
+    mask: str | None = None  # inpainting mask (a file, white = regenerate)
+    strength: float | None = None  # img2img / inpaint; None: the task's default
+    text_encoder: str | None = None  # text encoder folder for an SD single file
+    refiner: str | None = None  # a second model that finishes the schedule
+    refiner_start: float = defaults.REFINER_START
+    dtype: str = defaults.DTYPE  # auto, fp32, bf16, fp16
+    device: str = defaults.DEVICE
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.upsample_guidance == -1:  # (-1 is UG's identity: off)
+            object.__setattr__(self, "upsample_guidance", None)
+        if self.strength is None and self.task in defaults.STRENGTH:
+            object.__setattr__(self, "strength", defaults.STRENGTH[self.task])
+        for name, check in CHECKS.items():
+            if (value := getattr(self, name)) is not None and (problem := check(value)):
+                raise ValueError(f"{name} {problem}")
+        for key in SAMPLER_OPTIONS:
+            if getattr(self, key) is not None and self.sampler not in (names := taking(key)):
+                raise ValueError(f"--{key} is an option of sampler {' and '.join(names)}, not of {self.sampler}")
+        for what in ("input_image", "mask"):
+            needed = what in NEEDS[self.task]
+            if needed != (getattr(self, what) is not None):
+                raise ValueError(f"{self.task} {'needs' if needed else 'takes no'} input {what.removeprefix('input_')}")
+        if self.strength is not None and self.task not in defaults.STRENGTH:
+            raise ValueError(f"strength is an option of img2img and inpaint, not of {self.task}")
+        if self.labels is not None and (not self.labels or min(self.labels) < 0):
+            raise ValueError(f"labels must be non-negative class numbers, got {self.labels}")
+        if self.negative and not self.prompt:
+            raise ValueError("a negative prompt needs a prompt")
+
+    @property
+    def sampler_options(self) -> dict[str, Any]:
+        """The sampler options given (eta, variance), as the sampler's keywords."""
+        return {k: v for k in SAMPLER_OPTIONS if (v := getattr(self, k)) is not None}
+
+
+FIELDS: dict[str, Any] = typing.get_type_hints(Request)  # every field's type, for values read from JSON / PNGs
+
+
+def task_of(fields: dict[str, Any]) -> str:
+    """The task of request fields recorded without one (PNGs record their inputs, not the task): inpaint with a
+    mask, img2img with an input image and a strength, upscale with an input image alone, else sample."""
+    if fields.get("mask") is not None:
+        return "inpaint"
+    if fields.get("input_image") is not None:
+        return "img2img" if fields.get("strength") is not None else "upscale"
+    return "sample"
+
+
+def load_model(source: str, device: str = defaults.DEVICE, dtype: str = defaults.DTYPE,
+               text_encoder: str | None = None, compile: bool = False) -> tuple[Pipeline, str]:
+    """A model by bundled name or path on `device`, its network computing in `dtype` (auto resolved: bf16 where
+    the device computes it natively, else fp32), torch.compiled with `compile`; and the dtype name used."""
+    dtype = resolve_dtype(dtype, device)
+    pipe = load_pipeline(model_folder(source), device, text_encoder=text_encoder)
+    return accelerate(pipe, dtype=DTYPES[dtype], compile=compile), dtype
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request resolved against its model: the request with every None the model decides filled in (size,
+    labels) and input paths made absolute, generate's task inputs and keywords, the grid's row labels and each
+    image's own condition."""
+
+    request: Request
+    inputs: dict[str, Tensor]  # image (+ strength), mask, low_res
+    conditions: dict[str, Any]  # labels, prompts, negative: one per image
+    rows: list[str] | None
+    own: list[dict[str, Any]]
+    options: dict[str, Any] = field(default_factory=dict)  # the sampler's
+
+    @property
+    def images(self) -> int:
+        return len(self.own)
+
+    @property
+    def total_steps(self) -> int:
+        """The sampling steps the run takes (image-to-image runs the tail of the grid)."""
+        r = self.request
+        return len(img2img_grid(torch.arange(r.steps + 1), r.strength)) - 1 if "image" in self.inputs else r.steps
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """generate's keywords for the request, but the generator, callback and progress."""
+        r = self.request
+        return dict(**self.conditions, height=r.height, width=r.width, sampler=r.sampler, steps=r.steps, cfg=r.cfg,
+                    spacing=r.spacing, upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta, **self.options)
+
+
+def plan(request: Request, pipe: Pipeline) -> Plan:
+    """Check a request against its loaded model and resolve it (ValueError naming what the model cannot do,
+    before any sampling): conditions, inputs (whose size sets the output's), size, and generate's own checks."""
+    r = request
+    check_task(r.task, pipe, r.model)
+    check_conditions(r, pipe)
+    inputs, size = task_inputs(r, pipe)
+    r = dataclasses.replace(r, height=r.height or size[0], width=r.width or size[1],
+                            labels=r.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None),
+                            input_image=r.input_image and str(Path(r.input_image).resolve()),
+                            mask=r.mask and str(Path(r.mask).resolve()))
+    conditions, rows, own = batch(r, pipe)
+    check_inputs(pipe, len(own), r.height, r.width, inputs.get("image"), inputs.get("mask"), inputs.get("low_res"),
+                 r.upsample_guidance)
+    return Plan(r, inputs, conditions, rows, own, r.sampler_options)
+
+
+def check_task(task: str, pipe: Pipeline, model: str) -> None:
+    """Refuse a task the model does not do (`Pipeline.tasks`)."""
+    if task not in pipe.tasks:
+        why = (": it is not a super-resolution model; for larger images of a model use sample --height/--width "
+               "with --upsample-guidance") if task == "upscale" else f"; it does {', '.join(pipe.tasks)}"
+        raise ValueError(f"model {model} does not do {task}{why}")
+
+
+def check_conditions(r: Request, pipe: Pipeline) -> None:
+    """Refuse labels / prompts that the model would silently ignore, and labels it lacks."""
+    kind = {"class": "class-conditional (use --labels)", "text": "text-conditional (use --prompt)",
+            "unconditional": "unconditional"}[pipe.conditioning]
+    if (r.prompt or r.negative) and pipe.conditioning != "text":
+        raise ValueError(f"--prompt / --negative need a text-conditional model; {r.model} is {kind}")
+    if r.labels and pipe.conditioning != "class":
+        raise ValueError(f"--labels needs a class-conditional model; {r.model} is {kind}")
+    if r.labels and max(r.labels) >= pipe.num_classes:
+        raise ValueError(f"--labels {max(r.labels)} is out of range: {r.model} has {pipe.num_classes} classes "
+                         f"(0-{pipe.num_classes - 1})")
+    if pipe.conditioning == "text" and not r.prompt:
+        raise ValueError("this model is text-conditional: pass --prompt (several allowed)")
+
+
+def task_inputs(r: Request, pipe: Pipeline) -> tuple[dict[str, Tensor], tuple[int, int]]:
+    """generate's inputs from the request's files, and the output size they imply: the input image's (times
+    the model's factor when upscaling), or the model's training size without one."""
+    if r.input_image is None:
+        return {}, pipe.resolution
+    image, f = load_image(r.input_image, pipe.channels), pipe.low_res_factor or 1
+    size = (image.shape[-2] * f, image.shape[-1] * f)
+    if r.task == "upscale":
+        return {"low_res": image}, size
+    inputs = {"image": image, "strength": r.strength}
+    if r.mask is not None:
+        inputs["mask"] = (load_image(r.mask, 1) + 1) / 2
+    return inputs, size
+
+
+def batch(r: Request, pipe: Pipeline) -> tuple[dict[str, Any], list[str] | None, list[dict[str, Any]]]:
+    """generate's conditions for n images per label / prompt, the grid's row labels, and each image's own
+    condition (labels already resolved: every class if none were given)."""
+    if pipe.conditioning == "class":
+        own = [{"label": c} for c in r.labels for _ in range(r.n)]
+        return {"labels": torch.tensor([o["label"] for o in own])}, [str(c) for c in r.labels], own
+    if pipe.conditioning == "unconditional":
+        return {}, None, [{}] * r.n
+    negative = r.negative or [None]
+    if len(negative) not in (1, len(r.prompt)):
+        raise ValueError(f"pass one --negative, or one per --prompt ({len(r.prompt)}), got {len(negative)}")
+    own = [{"prompt": p, "negative": q} for p, q in zip(r.prompt, negative * (len(r.prompt) // len(negative)))
+           for _ in range(r.n)]
+    return ({"prompts": [o["prompt"] for o in own], "negative": r.negative and [o["negative"] for o in own]},
+            r.prompt, own)
+
+
+def run(p: Plan, pipe: Pipeline, refiner: Pipeline | None = None, callback: Callback | None = None,
+        progress: bool = False) -> Tensor:
+    """Sample a plan's images (seeded by its request), the refiner, if given, finishing the schedule from
+    refiner_start on."""
+    kw = dict(p.generate_kwargs(), generator=torch.Generator().manual_seed(p.request.seed), callback=callback,
+              progress=progress)
+    if refiner is None:
+        return generate(pipe, p.images, **p.inputs, **kw)
+    z = generate(pipe, p.images, **p.inputs, **kw, denoising_end=p.request.refiner_start, output="latent")
+    return generate(refiner, p.images, **kw, denoising_start=p.request.refiner_start, latents=z)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a server; max_side 0 is 8x the largest training side of the served models."""
+
+    max_steps: int = 100
+    max_images: int = 64
+    max_side: int = 0
+    max_queue: int = 32
+    max_upload: int = 4 << 20  # bytes of an uploaded image or mask
+    keep_jobs: int = 500  # finished jobs listed in the gallery (their files stay on disk)
+
+    def check(self, r: Request) -> None:
+        """Refuse a request over the step or image limits (before its uploads are read)."""
+        if r.steps > self.max_steps:
+            raise ValueError(f"steps {r.steps} is over this server's limit of {self.max_steps}")
+        if r.n > self.max_images:
+            raise ValueError(f"n {r.n} is over this server's limit of {self.max_images} images per job")
+
+    def check_plan(self, p: Plan) -> None:
+        """Refuse a resolved request over the size or image limits (every class: n images each)."""
+        r = p.request
+        if max(r.height, r.width) > self.max_side:
+            raise ValueError(f"size {r.height}x{r.width} is over this server's limit of {self.max_side} a side")
+        if p.images > self.max_images:
+            raise ValueError(f"{p.images} images is over this server's limit of {self.max_images} per job")
+
+
+def above_training_size(p: Plan, pipe: Pipeline) -> bool:
+    """Whether the plan samples above the model's training size without Upsample Guidance (worth a hint)."""
+    r = p.request
+    return r.upsample_guidance is None and (r.height > pipe.resolution[0] or r.width > pipe.resolution[1])
+
