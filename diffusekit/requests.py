@@ -107,12 +107,20 @@ class Request:
             object.__setattr__(self, "upsample_guidance", None)
         if self.strength is None and self.task in defaults.STRENGTH:
             object.__setattr__(self, "strength", defaults.STRENGTH[self.task])
+        self.check_values()
+        self.check_inputs()
+
+    def check_values(self) -> None:
+        """Refuse a field's value that its check (CHECKS) refuses, and sampler options the sampler lacks."""
         for name, check in CHECKS.items():
             if (value := getattr(self, name)) is not None and (problem := check(value)):
                 raise ValueError(f"{name} {problem}")
         for key in SAMPLER_OPTIONS:
             if getattr(self, key) is not None and self.sampler not in (names := taking(key)):
                 raise ValueError(f"--{key} is an option of sampler {' and '.join(names)}, not of {self.sampler}")
+
+    def check_inputs(self) -> None:
+        """Refuse inputs the task does not take or lacks, and conditions that cannot be meant."""
         for what in ("input_image", "mask"):
             needed = what in NEEDS[self.task]
             if needed != (getattr(self, what) is not None):

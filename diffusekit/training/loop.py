@@ -155,23 +155,14 @@ def run(cfg: TrainConfig | AutoencoderTrainConfig, procs: Processes, folder: Run
     with StopRequest(procs) as stop, tqdm(total=T.steps, initial=progress.step, disable=not procs.main,
                                           desc=desc) as bar:
         while progress.step < T.steps:
-            factor = learning_rate(cfg, progress.step)
-            for opt in trainer.optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * factor
+            set_learning_rate(cfg, trainer, progress.step)
             window.append(trainer.step(data, progress.step))
             progress.step += 1
             bar.update(1)
             step = progress.step
             if step % T.log_every == 0 or step == T.steps:
-                record = window_means(window)
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {step}; last good checkpoint: "
-                                             f"{latest_checkpoint(folder.ckpt_dir)}")
-                rate = len(window) * trainer.images_per_step / (time.perf_counter() - t_last)
-                record.update(step=step, lr=next(iter(trainer.optimizers.values())).param_groups[0]["lr"],
-                              img_per_s=rate, epoch=progress.epoch)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.1f}")
+                record = log_record(window, trainer, progress, time.perf_counter() - t_last, folder)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 if procs.main:
                     folder.log(record)
                     for key in record.keys() - {"step"} if writer else ():
@@ -192,6 +183,27 @@ def run(cfg: TrainConfig | AutoencoderTrainConfig, procs: Processes, folder: Run
     if dist.is_initialized():
         dist.barrier()
     return out / "model"
+
+
+def set_learning_rate(cfg: TrainConfig | AutoencoderTrainConfig, trainer: Trainer, step: int) -> None:
+    """Every optimizer's rate at `step`: its base rate times `learning_rate`'s factor."""
+    factor = learning_rate(cfg, step)
+    for opt in trainer.optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+
+def log_record(window: list[dict[str, Tensor]], trainer: Trainer, progress: Any, seconds: float,
+               folder: RunFolder) -> dict[str, float]:
+    """The log line of the steps in `window` (which took `seconds`): their means, the step, learning rate, images
+    a second and epoch; FloatingPointError naming the step and the last good checkpoint if the loss is not finite."""
+    record = window_means(window)
+    if not math.isfinite(record["loss"]):
+        raise FloatingPointError(f"loss is {record['loss']} at step {progress.step}; last good checkpoint: "
+                                 f"{latest_checkpoint(folder.ckpt_dir)}")
+    record.update(step=progress.step, lr=next(iter(trainer.optimizers.values())).param_groups[0]["lr"],
+                  img_per_s=len(window) * trainer.images_per_step / seconds, epoch=progress.epoch)
+    return record
 
 
 def window_means(window: list[dict[str, Tensor]]) -> dict[str, float]:
