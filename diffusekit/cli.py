@@ -169,7 +169,7 @@ def serve(args: argparse.Namespace) -> None:
     limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_side=args.max_side,
                     max_queue=args.max_queue)
     run_server(args.model or list(MODELS), args.host, args.port, args.device, args.dtype, args.outdir, limits,
-               args.threads)
+               args.threads, args.token, args.insecure_no_auth)
 
 
 def device_options(p: argparse.ArgumentParser) -> None:
@@ -292,8 +292,12 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p = command("serve", serve, "a web UI and HTTP API for the models (generate, img2img, inpaint, upscale)")
     p.add_argument("--model", action="append", help="a model folder or bundled name (repeat to serve several); "
                                                     f"if not given, the bundled ones: {', '.join(MODELS)}")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes the "
-                                                       "server, which has no authentication)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; off loopback every request must "
+                                                       "present the --token (a random one, printed, if not given)")
+    p.add_argument("--token", help="a bearer token every request must present (the printed URL carries it for the "
+                                   "page); on loopback none is needed unless given")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve off loopback without a token: anyone who reaches the address can use the server")
     p.add_argument("--port", type=checked(int, within(0, 65535)), default=8000, help="port (0: a free one)")
     device_options(p)
     p.add_argument("--outdir", default="out/serve", help="results (as `sample` writes them) and uploaded inputs")

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .bundled import MNIST_DIGITS
-from .images import from_pil, to_8bit
+from .images import from_pil, standard_mode
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -131,7 +131,7 @@ class ImageFolder(Dataset):
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, rather than decode, a bomb
             with Image.open(path) as img:
                 img.load()
-                img, original, crop = self.crop(to_8bit(img), rng)
+                img, original, crop = self.crop(standard_mode(img), rng)
         return {"image": to_tensor(img, self.channels), "original_size": original, "crop_top_left": crop}
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -44,10 +44,25 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8))
 
 
+GREY_MODES = ("1", "L", "LA", "I", "F")  # (and I;16*) -> L
+COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")  # -> RGB
+
+
+def standard_mode(img: Image.Image) -> Image.Image:
+    """Any image Pillow opens as 8-bit greyscale (L) or RGB: 16-bit, 32-bit and float greyscale scaled to 8 bits
+    (`to_8bit`), alpha dropped, palettes, CMYK and YCbCr converted; other modes (LAB, HSV, ...) are a ValueError
+    naming the mode. The command line, the web server and the training data all read images through it."""
+    if img.mode in GREY_MODES or img.mode.startswith("I;16"):
+        return to_8bit(img).convert("L")
+    if img.mode in COLOUR_MODES:
+        return img.convert("RGB")
+    raise ValueError(f"image mode {img.mode} is not supported: save it as RGB or greyscale (8 or 16 bits)")
+
+
 def from_pil(images: Sequence[Image.Image], channels: int = 3) -> Tensor:
-    """PIL images of one size -> [N, C, H, W] in [-1, 1]."""
+    """PIL images of one size (any mode `standard_mode` takes) -> [N, C, H, W] in [-1, 1]."""
     mode = "L" if channels == 1 else "RGB"
-    arr = np.stack([np.asarray(to_8bit(im).convert(mode), dtype=np.uint8) for im in images])
+    arr = np.stack([np.asarray(standard_mode(im).convert(mode), dtype=np.uint8) for im in images])
     x = torch.from_numpy(arr).float().div(127.5).sub(1)
     return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
 
@@ -100,14 +115,20 @@ def next_numbered(folder: str | Path, tag: str) -> Path:
 
 
 def _save(img: Image.Image, path: str | Path, parameters: dict[str, Any] | None) -> Path:
-    """Write `img`, with `parameters` as JSON in the PNG text chunk 'parameters' (PNG only)."""
+    """Write `img`, with `parameters` as JSON in the PNG text chunk 'parameters' (PNG only), atomically: to a
+    temporary file renamed into place, so that an interrupted write never leaves a partial image."""
     info = None
     if parameters is not None:
         info = PngInfo()
         info.add_text("parameters", json.dumps(parameters))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, pnginfo=info)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        img.save(tmp, format=Image.registered_extensions()[path.suffix.lower()], pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -62,7 +62,8 @@ def parameters(p: Plan, model_path: str | Path) -> dict[str, Any]:
 
 def write(images: Tensor, p: Plan, destination: Destination, model_path: str | Path) -> Path:
     """The grid and each image, 000.png, 001.png, ..., in the folder named after it; each PNG records the
-    run's parameters, a single image also its index and own condition. Returns the grid's path."""
+    run's parameters, a single image also its index and own condition. Returns the grid's path. Interrupted
+    (a full disk, SIGTERM), it leaves none of the run's files."""
     record = parameters(p, model_path)
     r = p.request
     grid = Path(destination.out) if destination.out else next_numbered(destination.outdir, str(r.seed))
@@ -70,9 +71,15 @@ def write(images: Tensor, p: Plan, destination: Destination, model_path: str | P
     for old in folder.glob("*.png"):  # (overwrite: no image of the run replaced stays behind)
         if old.stem.isdecimal():
             old.unlink()
-    for k, (x, mine) in enumerate(zip(images, p.own)):
-        save_image(x, folder / f"{k:03d}.png", {**record, "image": {"index": k, **mine}})
-    return save_grid(images, grid, nrow=r.n, row_labels=p.rows, scale=r.scale, parameters=record)
+    written: list[Path] = []
+    try:  # each file is written atomically, and the run's files all or none
+        for k, (x, mine) in enumerate(zip(images, p.own)):
+            written.append(save_image(x, folder / f"{k:03d}.png", {**record, "image": {"index": k, **mine}}))
+        return save_grid(images, grid, nrow=r.n, row_labels=p.rows, scale=r.scale, parameters=record)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def read_request(path: str | Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import secrets
+import signal
 import threading
 import time
 import traceback
@@ -30,8 +31,8 @@ from PIL import Image
 
 from . import defaults
 from .bundled import MODELS, model_folder
-from .images import grid_image, read_parameters
-from .outputs import Destination, version, write
+from .images import grid_image, standard_mode
+from .outputs import Destination, parameters, version, write
 from .pipelines import Pipeline
 from .requests import TASKS, Limits, Plan, Request, check_task, load_model, plan, run
 from .samplers import SAMPLERS
@@ -117,6 +118,7 @@ class Job:
     request: dict[str, Any]  # as the client sent it (without its images), with the model's name and the seed
     plan: Plan
     destination: Destination
+    uploads: list[Path] = field(default_factory=list)  # its input files, removed if it never runs
     status: str = "queued"
     step: int = 0
     total: int = 0
@@ -156,6 +158,7 @@ class JobQueue:
                 job.cancel.set()
             for job_id in self.pending:
                 self.jobs[job_id].status = "cancelled"
+                discard(self.jobs[job_id])
             self.pending.clear()
             self.wake.notify_all()
         if self.worker.is_alive():
@@ -164,6 +167,7 @@ class JobQueue:
     def submit(self, job: Job) -> None:
         with self.wake:
             if len(self.pending) >= self.limits.max_queue:
+                discard(job)
                 raise QueueFull(f"the queue is full ({self.limits.max_queue} jobs waiting); try again later")
             self.jobs[job.id] = job
             self.pending.append(job.id)
@@ -186,6 +190,7 @@ class JobQueue:
             if job.status == "queued":
                 self.pending.remove(job_id)
                 job.status = "cancelled"
+                discard(job)
             return self.view(job)
 
     def view(self, job: Job) -> dict[str, Any]:
@@ -235,7 +240,7 @@ class JobQueue:
         try:
             images = run(job.plan, pipe, callback=on_step)
             grid = write(images, job.plan, job.destination, served.folder)
-            state = dict(status="done", grid=grid, parameters=read_parameters(grid), step=job.total,
+            state = dict(status="done", grid=grid, parameters=parameters(job.plan, served.folder), step=job.total,
                          images=[grid.with_suffix("") / f"{k:03d}.png" for k in range(job.plan.images)])
         except Cancelled:
             state = dict(status="cancelled")
@@ -249,6 +254,12 @@ class JobQueue:
             job.seconds, job.finished = round(time.perf_counter() - t0, 3), time.time()
 
 
+def discard(job: Job) -> None:
+    """Remove the input files of a job that will not run."""
+    for path in job.uploads:
+        path.unlink(missing_ok=True)
+
+
 def data_url(img: Image.Image) -> str:
     """A PIL image as a PNG data URL."""
     buf = io.BytesIO()
@@ -256,9 +267,130 @@ def data_url(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+ECHO = 64  # characters of a client's value that an error message repeats
+
+
+def short(text: str) -> str:
+    """A client's value as an error message may repeat it: at most ECHO characters."""
+    return repr(text if len(text) <= ECHO else text[:ECHO] + "...")
+
+
+def split_host(value: str) -> tuple[str, str | None]:
+    """A Host header's name and port: 'localhost:8000', '[::1]:8000', '127.0.0.1'."""
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else None
+    name, sep, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    return (name, port) if sep else (value, None)
+
+
+@dataclass
+class Guard:
+    """Who may talk to the server: the Host header must name this server (against DNS rebinding), a state-changing
+    request must come from its own origin (against cross-site requests), bodies are bounded before they are parsed,
+    and with a token every request but the page's first load must present it (header, cookie or ?token=)."""
+
+    hosts: set[str]  # host names the server answers to
+    max_body: int  # bytes of a request body
+    token: str | None = None
+    port: int | None = None  # the bound port, once known (any port before)
+
+    def host_problem(self, host: str) -> str | None:
+        name, port = split_host(host)
+        if name.lower() not in self.hosts or (self.port is not None and port not in (None, str(self.port))):
+            return f"this server does not answer to host {short(host)}"
+        return None
+
+    def origin_problem(self, method: str, headers: dict[str, str]) -> str | None:
+        if method not in UNSAFE_METHODS:
+            return None
+        origin = headers.get("origin")
+        if origin is not None:
+            return None if origin == f"http://{headers.get('host', '')}" else \
+                f"cross-origin request from {short(origin)} refused"
+        if headers.get("sec-fetch-site") == "cross-site":
+            return "cross-site request refused"
+        return None
+
+    def token_given(self, headers: dict[str, str], query: str) -> bool:
+        given = {headers.get("authorization", "").removeprefix("Bearer ").strip(),
+                 *(c.strip().removeprefix("diffusekit_token=") for c in headers.get("cookie", "").split(";")),
+                 *(q.removeprefix("token=") for q in query.split("&") if q.startswith("token="))}
+        return any(secrets.compare_digest(g, self.token) for g in given if g)
+
+
+class GuardMiddleware:
+    """ASGI middleware applying a Guard before the app sees a request; the body is read here, at most
+    Guard.max_body bytes of it (a Content-Length over the limit is refused before any is read)."""
+
+    def __init__(self, app: Any, guard: Guard):
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        g = self.guard
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = scope.get("query_string", b"").decode("latin-1")
+        if problem := g.host_problem(headers.get("host", "")):
+            return await refuse(send, 421, problem)
+        if problem := g.origin_problem(scope["method"], headers):
+            return await refuse(send, 403, problem)
+        extra = []
+        if g.token is not None and not g.token_given(headers, query):
+            return await refuse(send, 401, "this server needs its token: open the URL it printed at start, or "
+                                           "send Authorization: Bearer TOKEN")
+        if g.token is not None and "token=" in query:  # the page's first load: keep the token in a cookie
+            extra.append((b"set-cookie", f"diffusekit_token={g.token}; HttpOnly; SameSite=Strict; Path=/".encode()))
+        length = headers.get("content-length", "0")
+        if not length.isdecimal() or int(length) > g.max_body:
+            return await refuse(send, 413, f"request body over this server's limit of {g.max_body} bytes")
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > g.max_body:
+                return await refuse(send, 413, f"request body over this server's limit of {g.max_body} bytes")
+        done = False
+
+        async def replay() -> dict:
+            nonlocal done
+            if done:
+                return await receive()
+            done = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        async def send_with(message: dict) -> None:
+            if message["type"] == "http.response.start" and extra:
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, replay, send_with)
+
+
+async def refuse(send: Any, status: int, detail: str) -> None:
+    """Answer a request with a JSON error, without the app."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def save_upload(data: str, path: Path, limits: Limits, what: str) -> Path:
-    """Decode an uploaded image (a data URL or plain base64), check its size, and write it as PNG at `path`."""
-    b64 = data.partition(",")[2] if data.startswith("data:") else data
+    """Decode an uploaded image (a data URL of an image type, or plain base64), check its size, and write it as an
+    8-bit greyscale or RGB PNG at `path` (`images.standard_mode`)."""
+    if data.startswith("data:"):
+        header, _, b64 = data[5:].partition(",")
+        mime = header.split(";")[0].strip().lower()
+        if mime and not mime.startswith("image/"):
+            raise ValueError(f"{what} must be an image data URL (image/png, image/jpeg, ...), got {short(mime)}")
+    else:
+        b64 = data
     if len(b64) * 3 // 4 > limits.max_upload:
         raise TooLarge(f"{what} is over the upload limit of {limits.max_upload} bytes")
     try:
@@ -268,8 +400,7 @@ def save_upload(data: str, path: Path, limits: Limits, what: str) -> Path:
                 raise TooLarge(f"{what} is {img.height}x{img.width}, over this server's limit of "
                                f"{limits.max_side} a side")
             img.load()
-            if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-                img = img.convert("RGB")
+            img = standard_mode(img)
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path, format="PNG")
     except (binascii.Error, OSError, Image.DecompressionBombError) as e:
@@ -328,17 +459,21 @@ class Server:
                 Path(path).unlink()
             raise
         view = req.model_dump(exclude={"image", "mask"}) | {"model": name, "seed": seed}
-        return Job(job_id, name, view, p, Destination(outdir=str(self.outdir)), total=p.total_steps)
+        return Job(job_id, name, view, p, Destination(outdir=str(self.outdir)), [Path(v) for v in paths.values()],
+                   total=p.total_steps)
 
 
 def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype: str = "auto",
                outdir: str | Path = "out/serve", limits: Limits | None = None, threads: int = 0,
-               worker_thread: bool = True) -> FastAPI:
+               worker_thread: bool = True, host: str = "127.0.0.1", token: str | None = None) -> FastAPI:
     """The FastAPI app serving `models` (bundled names or folders) from one worker on `device`, which samples
     with `threads` torch threads (0: torch's default) in a thread of its own, or with worker_thread=False
     wherever `app.state.server.queue.work()` is called (`serve`: the main thread, where torch's CPU kernels run
-    about 25% faster than in other threads: BENCHMARKS.md)."""
+    about 25% faster than in other threads: BENCHMARKS.md). It answers only to loopback names and `host`, takes
+    state-changing requests only from its own origin, and with a `token` only from clients that present it."""
     server = Server(models, device, dtype, outdir, limits or Limits(), threads)
+    upload = 4 * server.limits.max_upload // 3 + 4  # (base64)
+    guard = Guard({*LOOPBACK, "[::1]", host.lower()}, max_body=2 * upload + (64 << 10), token=token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -347,9 +482,10 @@ def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype
         yield
         server.queue.close()
 
-    app = FastAPI(title="diffusekit", version=version(), lifespan=lifespan,
-                  description=__doc__)
-    app.state.server = server
+    app = FastAPI(title="diffusekit", version=version(), lifespan=lifespan, description=__doc__,
+                  docs_url=None, redoc_url=None)  # (their pages load scripts from a CDN; the schema stays)
+    app.add_middleware(GuardMiddleware, guard=guard)
+    app.state.server, app.state.guard = server, guard
     queue = server.queue
 
     @app.exception_handler(ValueError)
@@ -370,7 +506,7 @@ def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype
         try:
             return queue.get(job_id)
         except KeyError:
-            raise HTTPException(404, f"no job {job_id!r}") from None
+            raise HTTPException(404, f"no job {short(job_id)}") from None
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -408,11 +544,11 @@ def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype
         return JSONResponse(queue.cancel(job_id))
 
     @app.get("/api/jobs/{job_id}/images/{index}.png", response_class=FileResponse)
-    async def image(job_id: str, index: int) -> FileResponse:
+    async def image(job_id: str, index: str) -> FileResponse:
         job = job_of(job_id)
-        if not 0 <= index < len(job.images):
-            raise HTTPException(404, f"job {job_id} has no image {index}")
-        return FileResponse(job.images[index], media_type="image/png")
+        if not (index.isascii() and index.isdecimal() and str(int(index)) == index and int(index) < len(job.images)):
+            raise HTTPException(404, f"job {job_id} has no image {short(index)} (images are 0, 1, ...)")
+        return FileResponse(job.images[int(index)], media_type="image/png")
 
     @app.get("/api/jobs/{job_id}/grid.png", response_class=FileResponse)
     async def grid(job_id: str) -> FileResponse:
@@ -467,8 +603,11 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError(f"the server did not start on {host}:{port}")
         time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if getattr(app.state, "guard", None) is not None:
+        app.state.guard.port = port
     try:
-        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+        yield f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -476,15 +615,20 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator
 
 def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, device: str = defaults.DEVICE,
           dtype: str = defaults.DTYPE, outdir: str | Path = "out/serve", limits: Limits | None = None,
-          threads: int = 0) -> None:
-    """`create_app` on host:port, run by uvicorn until interrupted, its worker in this (the main) thread."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {host}: anyone who reaches this address can use the server "
-              "(there is no authentication)")
-    app = create_app(models, device, dtype, outdir, limits, threads, worker_thread=False)
+          threads: int = 0, token: str | None = None, insecure_no_auth: bool = False) -> None:
+    """`create_app` on host:port, run by uvicorn until interrupted (SIGINT or SIGTERM), its worker in this (the
+    main) thread. Off loopback it needs a token: `token`, or a random one printed in the URL, unless
+    `insecure_no_auth`."""
+    if host not in LOOPBACK and token is None and not insecure_no_auth:
+        token = secrets.token_urlsafe(24)
+    if host not in LOOPBACK and token is None:
+        print(f"warning: serving on {host} without authentication: anyone who reaches this address can use it")
+    app = create_app(models, device, dtype, outdir, limits, threads, worker_thread=False, host=host, token=token)
     queue = app.state.server.queue
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # (SIGTERM stops as Ctrl-C does)
     with background(app, host, port) as url:
-        print(f"diffusekit: {', '.join(app.state.server.models)} at {url}/", flush=True)
+        print(f"diffusekit: {', '.join(app.state.server.models)} at {url}/"
+              + (f"?token={token}" if token else ""), flush=True)
         try:
             queue.work()  # (uvicorn answers in its thread; the models sample in this one)
         except KeyboardInterrupt:

@@ -38,7 +38,7 @@ def outdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(outdir):
     app = create_app(["mnist", "mnist_sr"], outdir=outdir, limits=Limits(max_steps=60, max_queue=4))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -318,7 +318,8 @@ def test_a_text_model_takes_prompt_and_negative_prompt(tmp_path):
     from tests.test_interop import tiny_sd_folder
 
     folder = tiny_sd_folder(tmp_path / "sd", tmp_path / "vocab" / "files")[0]
-    with TestClient(create_app([str(folder)], dtype="fp32", outdir=tmp_path / "out")) as c:
+    app = create_app([str(folder)], dtype="fp32", outdir=tmp_path / "out")
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         info = c.get("/api/models").json()["models"]
         assert [(m["name"], m["kind"], m["tasks"]) for m in info] == [("sd", "text", ["sample", "img2img", "inpaint"])]
         job = run(c, prompt=["a cat"], negative=["dog"], n=2, steps=2, seed=0)["job"]
@@ -339,7 +340,7 @@ def test_a_text_model_takes_prompt_and_negative_prompt(tmp_path):
 
 def test_shutdown_cancels_the_running_and_the_waiting_jobs(tmp_path):
     app = create_app(["mnist"], outdir=tmp_path)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         running = c.post("/api/jobs", json={"n": 6, "steps": 60}).json()["id"]
         waiting = c.post("/api/jobs", json={"n": 1, "steps": 2}).json()["id"]
         deadline = time.monotonic() + 30
@@ -385,7 +386,7 @@ def test_the_worker_samples_with_the_threads_asked_for_and_restores_the_setting(
     threads = torch.get_num_threads()
     seen = []
     app = create_app(["mnist"], outdir=tmp_path, threads=threads + 1)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         app.state.server.queue.models["mnist"].pipe.net.register_forward_hook(
             lambda *_: seen.append(torch.get_num_threads()))
         assert run(c, labels=[0], n=1, steps=1, seed=0)["job"]["status"] == "done"

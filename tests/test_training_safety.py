@@ -195,3 +195,28 @@ def test_a_killed_cli_run_resumes_bit_exactly(tmp_path, sig):
     a, b = weights(tmp_path / "a", 20), weights(tmp_path / "b", 20)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in log(tmp_path / "b")] == list(range(1, 21))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+def test_chaos_ten_sigkills_at_random_moments_resume_bit_exactly(tmp_path):
+    """A run SIGKILLed at 10 random moments (while importing, training, checkpointing or exporting) and resumed each
+    time ends with the weights of an uninterrupted run and a log of exactly steps 1..N."""
+    import random
+
+    from tests.test_training import CONFIGS, FAST, TINY
+
+    sets = [f"--set={s}" for s in TINY["unet"] + FAST + ["train.steps=16", "train.ckpt_every=2"]]
+    cmd = [sys.executable, "-m", "diffusekit.cli", "train", str(CONFIGS / "mnist_unet.toml"), *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + [f"--set=train.out_dir={str(tmp_path / 'a')!r}"], check=True, env=env, capture_output=True)
+    rng, b = random.Random(0), cmd + [f"--set=train.out_dir={str(tmp_path / 'b')!r}"]
+    for _ in range(10):
+        proc = subprocess.Popen(b, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(b, check=True, env=env, capture_output=True)
+    a, b_ = weights(tmp_path / "a", 16), weights(tmp_path / "b", 16)
+    assert a.keys() == b_.keys() and all(torch.equal(a[k], b_[k]) for k in a)
+    assert [r["step"] for r in log(tmp_path / "b")] == list(range(1, 17))
+    assert_model_is(tmp_path / "b" / "model", {k[4:]: v for k, v in a.items() if k.startswith("ema.")})
