@@ -99,6 +99,33 @@ class UpsampleGuidance:
         return p._replace(eps=eps, x0=x0)
 
 
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021; SPEC §5, the derivation CFG starts from): the score of
+    p(x_t | y) is that of p(x_t) plus grad log p(y | x_t), so with a noise-aware classifier
+
+        eps~ = eps - s b_t grad log p(y | x_t),   x0~ = x0 + s (b_t^2 / a_t) grad log p(y | x_t)
+
+    (the same correction: x0~ is the x0 of eps~ at x_t). `classifier(x, t, cond)` returns log p(y | x_t, t) [B] of
+    each sample's own label in cond; s = 1 is the exact class-conditional denoiser when the classifier is exact,
+    s = 0 the unconditional one. At pure noise (a_t = 0) the label is independent of x_t and nothing changes. One
+    backward pass through the classifier per call."""
+
+    def __init__(self, denoiser: Denoiser, schedule: Schedule, classifier, scale: float = 1.0):
+        self.denoiser, self.schedule, self.classifier, self.scale = denoiser, schedule, classifier, scale
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction:
+        p = self.denoiser(x, t, cond)
+        if self.scale == 0:
+            return p
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            grad = torch.autograd.grad(self.classifier(x_in, t, cond or {}).sum(), x_in)[0]
+        a, b = (expand_like(c, x) for c in self.schedule.alpha_sigma(t))
+        on, s = a > 0, self.scale
+        return p._replace(eps=p.eps - torch.where(on, s * b, 0) * grad.to(p.eps),
+                          x0=p.x0 + torch.where(on, s * b * b / a.clamp(min=1e-30), 0) * grad.to(p.x0))
+
+
 class Inpaint:
     """Training-free inpainting for any model (RePaint-style blending): where the binary `keep` is 1 the
     clean sample is the known x0, so the known region of every state is the input noised to that time.

@@ -52,14 +52,37 @@ class GaussianMixture:
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
         return (a * x0 + b * eps).reshape(n, *self.shape)
 
-    def _posterior_mean(self, xt: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        """E[x0 | x_t] for x_t = a x0 + b eps, rows of xt [n, d] sharing one (a, b)."""
+    def component(self, k: int) -> "GaussianMixture":
+        """Component k alone: the data of class k, when each component is a class."""
+        return GaussianMixture(self.means[k:k + 1], self.covs[k:k + 1], shape=self.shape)
+
+    def _moments_t(self, xt: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """For rows of xt [n, d] sharing one (a, b): the log responsibilities log p(k | x_t) [n, K] and S^-1 r."""
         S = a**2 * self.covs + b**2 * torch.eye(xt.shape[1], dtype=torch.float64)  # [K, d, d] covariance of x_t
         r = xt[:, None] - a * self.means  # [n, K, d]
         sol = torch.einsum("kij,nkj->nki", torch.linalg.inv(S), r)  # S^-1 r
         log_resp = self.weights.log() - 0.5 * ((r * sol).sum(-1) + torch.logdet(S))
+        return torch.log_softmax(log_resp, dim=1), sol
+
+    def _posterior_mean(self, xt: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """E[x0 | x_t] for x_t = a x0 + b eps, rows of xt [n, d] sharing one (a, b)."""
+        log_resp, sol = self._moments_t(xt, a, b)
         post = self.means + a * torch.einsum("kij,nkj->nki", self.covs, sol)  # [n, K, d]
-        return torch.einsum("nk,nkd->nd", torch.softmax(log_resp, dim=1), post)
+        return torch.einsum("nk,nkd->nd", log_resp.exp(), post)
+
+    def classifier(self, schedule: Schedule):
+        """The exact noisy classifier log p(y | x_t) of each sample's own class y (cond['class_labels']), each
+        component being a class: Bayes' rule over the components' marginals at t (differentiable in x)."""
+
+        def log_p(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+            xt, y = x.reshape(len(x), -1).to(torch.float64), cond["class_labels"].cpu()
+            out = []
+            for i in range(len(x)):
+                a, b = schedule.alpha_sigma(t[i:i + 1].cpu())
+                out.append(self._moments_t(xt[i:i + 1].cpu(), a, b)[0][0, y[i]])
+            return torch.stack(out).to(x)
+
+        return log_p
 
     def denoiser(self, schedule: Schedule):
         """The optimal (posterior-mean) denoiser of this data under `schedule`."""
