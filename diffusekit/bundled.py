@@ -15,7 +15,18 @@ MODELS = {  # bundled name -> model folder
 }
 MNIST_DIGITS = ASSETS / "mnist10k.npz"  # 10,000 MNIST digits (MIT): images uint8 [N, 28, 28], labels
 MNIST_CLASSIFIER = ASSETS / "mnist_classifier"  # the feature classifier of `diffusekit eval`
+CLASSIFIERS = {"mnist_noisy": ASSETS / "mnist_noisy_classifier"}  # noise-aware classifiers (classifier guidance)
 MODEL_FILES = (".safetensors", ".ckpt")  # single-file Stable Diffusion checkpoints
+
+
+def classifier_folder(name: str | Path) -> Path:
+    """The folder of a bundled noise-aware classifier's name, or `name` itself if it is a folder."""
+    if str(name) in CLASSIFIERS:
+        return CLASSIFIERS[str(name)]
+    if Path(name).is_dir():
+        return Path(name)
+    raise ValueError(f"classifier {str(name)!r} is neither a folder nor a bundled classifier ({', '.join(CLASSIFIERS)})"
+                     f"{did_you_mean(str(name), CLASSIFIERS)}")
 
 
 def model_folder(name: str | Path) -> Path:

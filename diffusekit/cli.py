@@ -13,8 +13,9 @@ from typing import Any, Callable
 import torch
 
 from . import defaults
-from .bundled import MODELS, model_folder
+from .bundled import CLASSIFIERS, MODELS, classifier_folder, model_folder
 from .outputs import OUTDIR, Destination, read_request, version, write
+from .pipelines import load_classifier
 from .requests import CHECKS, FIELDS, Limits, Request, above_training_size, load_model, plan, run, task_of
 from .samplers import DDPM_VARIANCES, SAMPLERS, get_sampler, taking
 from .schedules import SCHEDULES, SPACINGS, make_schedule
@@ -114,7 +115,8 @@ def sample(args: argparse.Namespace) -> None:
               f"--upsample-guidance {defaults.UG_W} (Upsample Guidance, no training needed)")
     t0 = time.perf_counter()
     refiner = load_model(request.refiner, request.device, dtype)[0] if request.refiner else None
-    images = run(p, pipe, refiner, progress=True)
+    classifier = load_classifier(classifier_folder(request.classifier), pipe) if request.classifier else None
+    images = run(p, pipe, refiner, progress=True, classifier=classifier)
     path = write(images, p, destination, model_folder(request.model))
     print(f"{p.images} images of {p.request.height}x{p.request.width} in {time.perf_counter() - t0:.1f} s -> "
           f"{path} and {path.with_suffix('')}{os.sep}")
@@ -202,6 +204,10 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     p.add_argument("--negative", action=Rows, help="negative prompt (one, or one per prompt)")
     p.add_argument("--n", type=field("n", int), default=defaults.N, help="images per label / prompt (grid columns)")
     guidance_options(p, sampler_help)
+    p.add_argument("--classifier", help="classifier guidance by a noise-aware classifier (bundled: "
+                                        f"{', '.join(CLASSIFIERS)}); with --cfg 0 it guides the unconditional model")
+    p.add_argument("--classifier-scale", type=field("classifier_scale", float), default=defaults.CLASSIFIER_SCALE,
+                   help="classifier guidance scale s: eps - s b_t grad log p(y | x_t)")
     p.add_argument("--spacing", type=field("spacing"),
                    help=f"timestep spacing: {', '.join(SPACINGS)}; if not given, the model's default")
     p.add_argument("--eta", type=field("eta", float),

@@ -4,6 +4,7 @@ that the command line and the web API build, and the training previews all read 
 SAMPLER = "dpmpp_2m"  # with 20 steps, the quality of 50 DDIM steps on the bundled models (BENCHMARKS.md)
 STEPS = 20
 CFG = 3.0  # classifier-free guidance scale (1: the conditional model alone)
+CLASSIFIER_SCALE = 1.0  # classifier guidance scale (1: Bayes' rule with an exact classifier)
 UG_ETA = 1.0  # Upsample Guidance acts while t >= (1 - eta) T
 UG_W = 0.2  # the Upsample Guidance weight suggested to users (the hint, the web UI's default)
 UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)

@@ -3,9 +3,11 @@ every sampler."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .denoisers import Cond, Denoiser
 from .parametrization import Prediction, expand_like
@@ -99,6 +101,19 @@ class UpsampleGuidance:
         return p._replace(eps=eps, x0=x0)
 
 
+NoisyClassifier = Callable[[Tensor, Tensor, Cond], Tensor]  # (x_t, t, cond) -> log p(y | x_t, t) [B]
+
+
+def classifier_log_prob(net: nn.Module) -> NoisyClassifier:
+    """A network net(x_t, t) -> logits [B, classes] as classifier guidance's log p(y | x_t) of cond's class_labels."""
+    def log_p(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype = next(net.parameters()).dtype
+        logits = net(x.to(dtype), t.to(x.device, torch.float32)).float().log_softmax(-1)
+        return logits.gather(1, cond["class_labels"].to(x.device)[:, None])[:, 0]
+
+    return log_p
+
+
 class ClassifierGuidance:
     """Classifier guidance (Dhariwal & Nichol 2021; SPEC §5, the derivation CFG starts from): the score of
     p(x_t | y) is that of p(x_t) plus grad log p(y | x_t), so with a noise-aware classifier
@@ -110,7 +125,7 @@ class ClassifierGuidance:
     s = 0 the unconditional one. At pure noise (a_t = 0) the label is independent of x_t and nothing changes. One
     backward pass through the classifier per call."""
 
-    def __init__(self, denoiser: Denoiser, schedule: Schedule, classifier, scale: float = 1.0):
+    def __init__(self, denoiser: Denoiser, schedule: Schedule, classifier: NoisyClassifier, scale: float = 1.0):
         self.denoiser, self.schedule, self.classifier, self.scale = denoiser, schedule, classifier, scale
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction:

@@ -23,6 +23,7 @@ from . import defaults
 from .acceleration import DTYPES, accelerate, resolve_dtype
 from .bundled import model_folder
 from .images import load_image
+from .guidance import NoisyClassifier
 from .pipelines import Pipeline, generate, load_pipeline
 from .pipelines.inputs import check_inputs
 from .samplers import DDPM_VARIANCES, SAMPLERS, Callback, taking
@@ -52,6 +53,7 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "sampler": named("sampler", SAMPLERS),
     "steps": at_least(1),
     "cfg": finite,
+    "classifier_scale": finite,
     "spacing": named("spacing", SPACINGS),
     "eta": within(0, 1),
     "variance": named("variance", DDPM_VARIANCES),
@@ -84,6 +86,8 @@ class Request:
     sampler: str = defaults.SAMPLER
     steps: int = defaults.STEPS
     cfg: float = defaults.CFG
+    classifier: str | None = None  # a noise-aware classifier (bundled name or folder) for classifier guidance
+    classifier_scale: float = defaults.CLASSIFIER_SCALE
     spacing: str | None = None
     eta: float | None = None
     variance: str | None = None
@@ -131,6 +135,8 @@ class Request:
             raise ValueError(f"labels must be non-negative class numbers, got {self.labels}")
         if self.negative and not self.prompt:
             raise ValueError("a negative prompt needs a prompt")
+        if self.classifier is not None and self.prompt:
+            raise ValueError("classifier guidance guides class labels, not prompts")
 
     @property
     def sampler_options(self) -> dict[str, Any]:
@@ -187,7 +193,8 @@ class Plan:
         """generate's keywords for the request, but the generator, callback and progress."""
         r = self.request
         return dict(**self.conditions, height=r.height, width=r.width, sampler=r.sampler, steps=r.steps, cfg=r.cfg,
-                    spacing=r.spacing, upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta, **self.options)
+                    spacing=r.spacing, upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta,
+                    classifier_scale=r.classifier_scale, **self.options)
 
 
 def plan(request: Request, pipe: Pipeline) -> Plan:
@@ -263,11 +270,11 @@ def batch(r: Request, pipe: Pipeline) -> tuple[dict[str, Any], list[str] | None,
 
 
 def run(p: Plan, pipe: Pipeline, refiner: Pipeline | None = None, callback: Callback | None = None,
-        progress: bool = False) -> Tensor:
+        progress: bool = False, classifier: NoisyClassifier | None = None) -> Tensor:
     """Sample a plan's images (seeded by its request), the refiner, if given, finishing the schedule from
-    refiner_start on."""
+    refiner_start on, with the request's classifier (loaded: `load_classifier`) guiding."""
     kw = dict(p.generate_kwargs(), generator=torch.Generator().manual_seed(p.request.seed), callback=callback,
-              progress=progress)
+              progress=progress, classifier=classifier)
     if refiner is None:
         return generate(pipe, p.images, **p.inputs, **kw)
     z = generate(pipe, p.images, **p.inputs, **kw, denoising_end=p.request.refiner_start, output="latent")

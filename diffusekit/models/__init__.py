@@ -13,13 +13,14 @@ from torch.overrides import TorchFunctionMode
 
 from ..validation import ConfigError, did_you_mean, type_problem
 from .autoencoder import AutoencoderKL, VQAutoencoder
-from .classifier import MNISTClassifier
+from .classifier import MNISTClassifier, NoisyClassifier
 from .dit import DiT
 from .mmdit import MMDiT
 from .unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {cls.model_type: cls for cls in
-                                      (UNet, DiT, MMDiT, AutoencoderKL, VQAutoencoder, MNISTClassifier)}
+                                      (UNet, DiT, MMDiT, AutoencoderKL, VQAutoencoder, MNISTClassifier,
+                                                   NoisyClassifier)}
 
 
 def model_config(model_type: str, config: Mapping[str, Any] | Any, source: str = "") -> Any:

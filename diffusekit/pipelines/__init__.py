@@ -2,7 +2,7 @@
 `save_pipeline`), and `generate`."""
 
 from .generate import generate
-from .loading import load_pipeline, save_pipeline
+from .loading import load_classifier, load_pipeline, save_pipeline
 from .pipeline import Pipeline
 
-__all__ = ["Pipeline", "generate", "load_pipeline", "save_pipeline"]
+__all__ = ["Pipeline", "generate", "load_classifier", "load_pipeline", "save_pipeline"]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import defaults
 from ..denoisers import Denoiser
-from ..guidance import CFG, Inpaint, UpsampleGuidance
+from ..guidance import CFG, ClassifierGuidance, Inpaint, NoisyClassifier, UpsampleGuidance
 from ..parametrization import Prediction
 from ..samplers import Callback, get_sampler
 from ..schedules import img2img_grid
@@ -32,6 +32,7 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
              denoising_end: float = 1.0, output: str = "image", original_size: tuple[int, int] | None = None,
              crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
              generator: torch.Generator | None = None, wrap: Callable[[Denoiser], Denoiser] | None = None,
+             classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0,
              callback: Callback | None = None, progress: bool = False, **sampler_options: Any) -> Tensor:
     """Sample n images [n, C, H, W] in [-1, 1] (or, with output='latent', the diffusion state):
     conditions -> CFG -> inpainting -> Upsample Guidance -> (wrap) -> sampler -> decode.
@@ -45,6 +46,8 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     - refiner hand-off: `denoising_end` < 1 stops a fraction of the way down the grid (use output='latent'),
       `denoising_start` > 0 with those `latents` finishes it;
     - SDXL micro-conditioning: `original_size`, `crop_top_left`, `target_size` (default: the output size);
+    - classifier guidance: a noise-aware `classifier(x_t, t, cond) -> log p(y | x_t)` of the labels, at
+      `classifier_scale` (with cfg=0 it guides the model's unconditional mode alone);
     - `callback(i, t, x, prediction)` after every step; `sampler_options` (eta, variance, order) go to the sampler.
     A state that turns NaN / inf raises FloatingPointError naming the first such step."""
     check_settings(n, steps, cfg, upsample_guidance, ug_eta, denoising_start, denoising_end, output)
@@ -55,6 +58,10 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     if task.concat is not None:
         cond["concat"] = task.concat
     denoiser = guided(pipe, cond, negative, cfg, task, upsample_guidance, ug_eta, (H, W), wrap)
+    if classifier is not None:
+        if "class_labels" not in cond:
+            raise ValueError("classifier guidance needs class labels (a class-conditional model)")
+        denoiser = ClassifierGuidance(denoiser, pipe.schedule, classifier, classifier_scale)
     ts = grid(pipe, steps, spacing, denoising_start, denoising_end, strength if image is not None else None)
     x = initial_state(pipe, (n, *shape), ts, latents, task.known if image is not None else None, strength, generator)
     z = sample(sampler, denoiser, x, ts, pipe, cond, generator, callback, progress, sampler_options)

@@ -12,6 +12,7 @@ import torch
 from ..checkpoints import from_pretrained, read_config, staging_dir, write_model
 from ..conditioning import load_text_encoder
 from ..denoisers import DiffusionSettings
+from ..guidance import NoisyClassifier, classifier_log_prob
 from .foreign import load_diffusers_pipeline, load_sd_single_file
 from .pipeline import Pipeline
 
@@ -29,6 +30,16 @@ def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = 
         if pipe.autoencoder is not None:
             write_model(pipe.autoencoder, tmp / "autoencoder", dtype)
     return path
+
+
+def load_classifier(path: str | Path, pipe: Pipeline) -> NoisyClassifier:
+    """A noise-aware classifier folder (`training.classifier`) as classifier guidance's log p(y | x_t) for `pipe`,
+    refused unless its times are those of pipe's diffusion settings."""
+    meta = read_config(path)
+    if "diffusion" not in meta or DiffusionSettings(**meta["diffusion"]) != pipe.settings:
+        raise ValueError(f"classifier {path} was trained on another schedule than the model's "
+                         f"({meta.get('diffusion')} vs {dataclasses.asdict(pipe.settings)})")
+    return classifier_log_prob(from_pretrained(path, pipe.device).eval().requires_grad_(False))
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
