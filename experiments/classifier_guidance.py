@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffusekit.bundled import CLASSIFIERS, MODELS
+from diffusekit.bundled import CLASSIFIERS
 from diffusekit.data import MNIST
 from diffusekit.evaluation import class_accuracy, extract, frechet_distance, load_mnist_classifier, moments, sample_classes
 from diffusekit.images import save_grid
