@@ -23,6 +23,7 @@ TINY = {  # a few-parameter config per registered model type
     "autoencoder_vq": dict(in_channels=1, out_channels=1, channels=8, channel_mult=[1, 2], num_res_blocks=1,
                            latent_channels=2, groups=4, num_embeddings=16, embed_dim=2),
     "mnist_classifier": dict(width=4, feature_dim=8),
+    "noisy_classifier": dict(width=8, num_classes=3, emb_dim=8),
 }
 
 
