@@ -208,6 +208,9 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                                         f"{', '.join(CLASSIFIERS)}); with --cfg 0 it guides the unconditional model")
     p.add_argument("--classifier-scale", type=field("classifier_scale", float), default=defaults.CLASSIFIER_SCALE,
                    help="classifier guidance scale s: eps - s b_t grad log p(y | x_t)")
+    p.add_argument("--map", help="semantic map of a map model (a PNG of class indices, or painted in the classes' "
+                                 "colours): its size is the output's; larger than the training size it samples "
+                                 "convolutionally")
     p.add_argument("--spacing", type=field("spacing"),
                    help=f"timestep spacing: {', '.join(SPACINGS)}; if not given, the model's default")
     p.add_argument("--eta", type=field("eta", float),

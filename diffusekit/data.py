@@ -1,9 +1,10 @@
-"""Datasets: bundled MNIST, folders of images with labels or captions, procedural captioned shapes.
+"""Datasets: bundled MNIST, folders of images with labels or captions, procedural captioned shapes and shape
+scenes with their semantic maps.
 
 Every dataset returns samples as dicts: `image` [C, H, W] float in [-1, 1] and, where present,
-`label` (int), `caption` (str), `original_size` (h, w) and `crop_top_left` (top, left) for SDXL-style
-micro-conditioning. Randomness (crops, flips, shapes) is a pure function of (seed, epoch, index), so a
-resumed run sees exactly the data it would have seen.
+`label` (int), `caption` (str), `map` [H, W] (int64 class per pixel), `original_size` (h, w) and
+`crop_top_left` (top, left) for SDXL-style micro-conditioning. Randomness (crops, flips, shapes) is a pure
+function of (seed, epoch, index), so a resumed run sees exactly the data it would have seen.
 """
 
 from __future__ import annotations
@@ -152,6 +153,19 @@ SHAPES, COLOURS = ("circle", "square", "triangle"), {"red": (220, 40, 40), "gree
 RELATIONS = {"above": (0, -1), "below": (0, 1), "left of": (-1, 0), "right of": (1, 0)}
 
 
+BACKGROUND = (245, 245, 245)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: Any) -> None:
+    """A circle, square or triangle of half-size r centred at (cx, cy), filled with `fill` (no antialiasing)."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 class Shapes(Dataset):
     """Procedural captioned images for testing text conditioning: one or two coloured shapes with a
     compositional caption such as "a small red circle above a blue square". Sample i is a pure function
@@ -163,31 +177,68 @@ class Shapes(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def _draw(self, draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float) -> None:
-        fill = COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-
     def __getitem__(self, i: int) -> dict[str, Any]:
         rng, R = random.Random(hash((self.seed, i))), self.resolution
-        img = Image.new("RGB", (R, R), (245, 245, 245))
+        img = Image.new("RGB", (R, R), BACKGROUND)
         draw = ImageDraw.Draw(img)
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         if rng.random() < 0.5:  # two small shapes in a spatial relation
             shape2, colour2, relation = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(RELATIONS))
             dx, dy = RELATIONS[relation]
-            self._draw(draw, shape, colour, R / 2 + dx * R / 4, R / 2 + dy * R / 4, R / 8)
-            self._draw(draw, shape2, colour2, R / 2 - dx * R / 4, R / 2 - dy * R / 4, R / 8)
+            draw_shape(draw, shape, R / 2 + dx * R / 4, R / 2 + dy * R / 4, R / 8, COLOURS[colour])
+            draw_shape(draw, shape2, R / 2 - dx * R / 4, R / 2 - dy * R / 4, R / 8, COLOURS[colour2])
             caption = f"a small {colour} {shape} {relation} a {colour2} {shape2}"
         else:
             size = rng.choice(["small", "large"])
-            self._draw(draw, shape, colour, R / 2, R / 2, R / 8 if size == "small" else R / 3.2)
+            draw_shape(draw, shape, R / 2, R / 2, R / 8 if size == "small" else R / 3.2, COLOURS[colour])
             caption = f"a {size} {colour} {shape}"
         return {"image": to_tensor(img, 3), "caption": caption}
+
+
+MAP_CLASSES = ("background", *(f"{c} {s}" for s in SHAPES for c in COLOURS))  # a shape map's class per index
+
+
+class ShapeMaps(Dataset):
+    """Scenes of coloured shapes with their semantic maps, for map-to-image models: `image` and `map` [H, W], whose
+    pixels hold the index in MAP_CLASSES of the shape (type x colour) drawn there, 0 for background. The map
+    fixes the image but for nothing: colour and type are both in it (a type-only map would leave colour free,
+    and no pixel could be checked against it).
+
+    A scene at `resolution` spans `tiles` x `tiles` canvases, each holding 1-3 shapes of half-size 1/8 to 1/4 of
+    a canvas side (on average), never touching one another (2 pixels apart at least). Trained at tiles 1, tiles k
+    at k times the resolution gives a k x k wider scene of the trained shape size (convolutional sampling beyond
+    the trained size), tiles 1 the same kind of scene zoomed in k times. Sample i is a pure
+    function of (seed, i)."""
+
+    map_classes = MAP_CLASSES
+
+    def __init__(self, resolution: int = 32, size: int = 10_000, seed: int = 0, tiles: int = 1):
+        self.resolution, self.size, self.seed, self.tiles = resolution, size, seed, tiles
+
+    def __len__(self) -> int:
+        return self.size
+
+    def scene(self, i: int) -> list[tuple[str, str, float, float, float]]:
+        """Sample i's shapes: (type, colour, cx, cy, r) in pixels."""
+        rng, R, k = random.Random(hash(("maps", self.seed, i))), self.resolution, self.tiles
+        canvas = R / k
+        shapes: list[tuple[str, str, float, float, float]] = []
+        for _ in range(sum(rng.randint(1, 3) for _ in range(k * k))):
+            for _try in range(20):
+                r = rng.uniform(canvas / 8, canvas / 4)
+                cx, cy = rng.uniform(r, R - 1 - r), rng.uniform(r, R - 1 - r)
+                if all(max(abs(cx - x), abs(cy - y)) > r + q + 2 for _, _, x, y, q in shapes):
+                    shapes.append((rng.choice(SHAPES), rng.choice(list(COLOURS)), cx, cy, r))
+                    break
+        return shapes
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        R = self.resolution
+        img, classes = Image.new("RGB", (R, R), BACKGROUND), Image.new("L", (R, R), 0)
+        for shape, colour, cx, cy, r in self.scene(i):
+            draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, COLOURS[colour])
+            draw_shape(ImageDraw.Draw(classes), shape, cx, cy, r, MAP_CLASSES.index(f"{colour} {shape}"))
+        return {"image": to_tensor(img, 3), "map": torch.from_numpy(np.asarray(classes, dtype=np.int64).copy())}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -202,6 +253,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {  # a data config's `dataset` -> 
     "mnist": lambda d, seed: MNIST(d.resolution, d.pad, slice(0, 10_000 - d.holdout)),
     "folder": lambda d, seed: ImageFolder(d.path, d.resolution, d.channels, d.random_crop, d.random_flip, seed),
     "shapes": lambda d, seed: Shapes(d.resolution, d.size, seed),
+    "shape_maps": lambda d, seed: ShapeMaps(d.resolution, d.size, seed),
 }
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .bundled import MNIST_CLASSIFIER
 from .checkpoints import CheckpointError, from_pretrained, read_state_dict, save_pretrained
-from .data import MNIST, ImageFolder, collate
+from .data import BACKGROUND, COLOURS, MNIST, ImageFolder, collate
 from .models.classifier import MNISTClassifier, MNISTClassifierConfig
 from .pipelines import generate
 
@@ -238,3 +238,63 @@ def evaluate_samples(images: Tensor, real: Tensor, labels: Tensor | None = None,
     if labels is not None:
         out["class_accuracy"] = class_accuracy(classifier, images, labels)
     return out
+
+
+def shape_components(colour: Tensor) -> Tensor:
+    """Ids of the 4-connected regions of equal non-zero value in integer maps [N, H, W] (0 stays 0): each pixel
+    takes the largest id in its region, found by propagating ids between equal neighbours until they settle."""
+    n, h, w = colour.shape
+    ids = torch.arange(1, n * h * w + 1).view(n, h, w) * (colour > 0)
+    while True:
+        grown = ids.clone()
+        for dim, step in ((1, 1), (1, -1), (2, 1), (2, -1)):
+            neighbour, same = ids.roll(step, dim), colour == colour.roll(step, dim)
+            edge = torch.zeros_like(same)  # roll wraps around: the wrapped row / column is no neighbour
+            edge.select(dim, 0 if step == 1 else -1).fill_(True)
+            grown = torch.where(same & ~edge & (colour > 0), torch.maximum(grown, neighbour), grown)
+        if torch.equal(grown, ids):
+            return ids
+        ids = grown
+
+
+def segment_shapes(images: Tensor, min_area: int = 4, square_fill: float = 0.89, circle_fill: float = 0.64) -> Tensor:
+    """A segmentation of shape scenes [N, 3, H, W] in [-1, 1] into ShapeMaps class maps [N, H, W]: each pixel
+    takes the nearest of the background and shape colours; each connected region of one colour is a square,
+    circle or triangle by the share of its bounding box it fills (1, pi/4, 1/2 for exact shapes; split at
+    `square_fill` and `circle_fill`); regions under `min_area` pixels count as background."""
+    palette = torch.tensor([BACKGROUND, *COLOURS.values()], dtype=torch.float32) / 127.5 - 1  # [5, 3]
+    x = images.float().permute(0, 2, 3, 1)
+    colour = torch.cdist(x.reshape(-1, 1, 3), palette[None].expand(len(x.reshape(-1, 3)), -1, -1)).squeeze(1)
+    colour = colour.argmin(-1).view(x.shape[:3])
+    ids = shape_components(colour)
+    region, inverse = torch.unique(ids, return_inverse=True)
+    n, h, w = colour.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    flat, k = inverse.flatten(), len(region)
+
+    def reduce(values: Tensor, how: str) -> Tensor:
+        start = torch.full((k,), 0 if how == "sum" else (10**9 if how == "amin" else -1), dtype=torch.long)
+        return start.scatter_reduce(0, flat, values.expand(n, h, w).flatten(), how, include_self=how != "sum")
+
+    area = reduce(torch.ones(1, 1, 1, dtype=torch.long), "sum")
+    box = (reduce(xs, "amax") - reduce(xs, "amin") + 1) * (reduce(ys, "amax") - reduce(ys, "amin") + 1)
+    fill = area / box
+    shape = torch.where(fill >= square_fill, 1, torch.where(fill >= circle_fill, 0, 2))  # SHAPES index
+    region_colour = reduce(colour, "amax")  # one colour per region
+    cls = torch.where((region > 0) & (area >= min_area), 1 + shape * len(COLOURS) + region_colour - 1, 0)
+    return cls[inverse]
+
+
+def mean_iou(pred: Tensor, target: Tensor, classes: int) -> tuple[float, Tensor]:
+    """Mean intersection over union of class maps over a whole set (pixels of all maps pooled per class), over the
+    classes present in either; and the per-class IoU [classes] (NaN where absent)."""
+    p, t = pred.flatten(), target.flatten()
+    inter = torch.bincount(t[p == t], minlength=classes).double()
+    union = torch.bincount(p, minlength=classes).double() + torch.bincount(t, minlength=classes).double() - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.nan)
+    return iou.nanmean().item(), iou
+
+
+def colour_classes(maps: Tensor) -> Tensor:
+    """ShapeMaps class maps as colour maps (0 background, 1 + COLOURS index), forgetting the shape type."""
+    return torch.where(maps > 0, (maps - 1) % len(COLOURS) + 1, 0)

@@ -80,6 +80,48 @@ def load_image(path: str | Path, channels: int) -> Tensor:
         raise ValueError(f"{path} is not a readable image: {e}") from e
 
 
+MAP_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+               (70, 240, 240), (145, 30, 180), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+               (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+               (0, 0, 128), (128, 128, 128))  # the colour of each class index in map PNGs (indices beyond repeat)
+
+
+def map_colours(classes: int) -> Tensor:
+    """The colours [classes, 3] (uint8 values) of map classes 0..classes-1 in a painted map."""
+    return torch.tensor([MAP_PALETTE[i % len(MAP_PALETTE)] for i in range(classes)], dtype=torch.float32)
+
+
+def load_map(path: str | Path, classes: int) -> Tensor:
+    """A semantic map file as class indices [1, H, W] (int64): a palette ('P') or grey PNG holds the indices
+    themselves; a colour image (a map painted in MAP_PALETTE's colours, antialiased or not) gives each pixel the
+    class of the nearest palette colour, transparent pixels class 0."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no map file at {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("P", "L", "I", "I;16"):
+                indices = torch.from_numpy(np.asarray(img, dtype=np.int64).copy())
+            else:
+                rgba = torch.from_numpy(np.asarray(img.convert("RGBA"), dtype=np.float32).copy())
+                indices = torch.cdist(rgba[..., :3].reshape(-1, 3), map_colours(classes)).argmin(1).view(rgba.shape[:2])
+                indices = torch.where(rgba[..., 3] < 128, 0, indices)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is not a readable map image: {e}") from e
+    if int(indices.max()) >= classes:
+        raise ValueError(f"map {path} holds class {int(indices.max())}; the model has {classes} classes "
+                         f"(0-{classes - 1})")
+    return indices[None]
+
+
+def save_map(semantic_map: Tensor, path: str | Path) -> Path:
+    """Write a map [H, W] of class indices as a palette PNG (its pixels the indices, shown in MAP_PALETTE)."""
+    img = Image.fromarray(semantic_map.to(torch.uint8).numpy(), mode="P")
+    img.putpalette([v for c in MAP_PALETTE for v in c])
+    return _save(img, path, None)
+
+
 def check_output_path(path: str | Path) -> Path:
     """Raise ValueError unless `path` names an image file (OUTPUT_SUFFIXES) that can be written, so that a
     mistyped output is caught before the work that would fill it."""

@@ -22,7 +22,7 @@ from torch import Tensor
 from . import defaults
 from .acceleration import DTYPES, accelerate, resolve_dtype
 from .bundled import model_folder
-from .images import load_image
+from .images import load_image, load_map
 from .guidance import NoisyClassifier
 from .pipelines import Pipeline, generate, load_pipeline
 from .pipelines.inputs import check_inputs
@@ -98,6 +98,7 @@ class Request:
     scale: int = defaults.GRID_SCALE  # pixel magnification in the grid
     input_image: str | None = None  # img2img / inpaint / upscale input (a file)
     mask: str | None = None  # inpainting mask (a file, white = regenerate)
+    map: str | None = None  # semantic map (a file: class indices, or painted in images.MAP_PALETTE) of map models
     strength: float | None = None  # img2img / inpaint; None: the task's default
     text_encoder: str | None = None  # text encoder folder for an SD single file
     refiner: str | None = None  # a second model that finishes the schedule
@@ -173,7 +174,7 @@ class Plan:
     image's own condition."""
 
     request: Request
-    inputs: dict[str, Tensor]  # image (+ strength), mask, low_res
+    inputs: dict[str, Tensor]  # image (+ strength), mask, low_res, semantic_map
     conditions: dict[str, Any]  # labels, prompts, negative: one per image
     rows: list[str] | None
     own: list[dict[str, Any]]
@@ -207,10 +208,10 @@ def plan(request: Request, pipe: Pipeline) -> Plan:
     r = dataclasses.replace(r, height=r.height or size[0], width=r.width or size[1],
                             labels=r.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None),
                             input_image=r.input_image and str(Path(r.input_image).resolve()),
-                            mask=r.mask and str(Path(r.mask).resolve()))
+                            mask=r.mask and str(Path(r.mask).resolve()), map=r.map and str(Path(r.map).resolve()))
     conditions, rows, own = batch(r, pipe)
     check_inputs(pipe, len(own), r.height, r.width, inputs.get("image"), inputs.get("mask"), inputs.get("low_res"),
-                 r.upsample_guidance)
+                 r.upsample_guidance, inputs.get("semantic_map"))
     return Plan(r, inputs, conditions, rows, own, r.sampler_options)
 
 
@@ -239,14 +240,20 @@ def check_conditions(r: Request, pipe: Pipeline) -> None:
 
 def task_inputs(r: Request, pipe: Pipeline) -> tuple[dict[str, Tensor], tuple[int, int]]:
     """generate's inputs from the request's files, and the output size they imply: the input image's (times
-    the model's factor when upscaling), or the model's training size without one."""
+    the model's factor when upscaling), else the map's, or the model's training size without either."""
+    if r.map is not None and not pipe.map_classes:
+        raise ValueError(f"--map needs a semantic-map model; {r.model} takes no map")
+    if r.map is None and pipe.map_classes:
+        raise ValueError(f"{r.model} is a semantic-map model: pass --map (a PNG whose pixels are class indices "
+                         f"0-{len(pipe.map_classes) - 1}: {', '.join(pipe.map_classes)})")
+    maps = {"semantic_map": load_map(r.map, len(pipe.map_classes))} if r.map is not None else {}
     if r.input_image is None:
-        return {}, pipe.resolution
+        return maps, tuple(maps["semantic_map"].shape[-2:]) if maps else pipe.resolution
     image, f = load_image(r.input_image, pipe.channels), pipe.low_res_factor or 1
     size = (image.shape[-2] * f, image.shape[-1] * f)
     if r.task == "upscale":
         return {"low_res": image}, size
-    inputs = {"image": image, "strength": r.strength}
+    inputs = {"image": image, "strength": r.strength, **maps}
     if r.mask is not None:
         inputs["mask"] = (load_image(r.mask, 1) + 1) / 2
     return inputs, size

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffusekit.cli import main
+from diffusekit.data import MAP_CLASSES
 from diffusekit.denoisers import NetworkDenoiser
+from diffusekit.pipelines import load_pipeline
 from diffusekit.training import diffusion, loop
 from diffusekit.training.autoencoder import train_autoencoder
 from diffusekit.training.config import load_config
@@ -67,12 +69,13 @@ def autoencoders(tmp_path_factory):
             for name in ("mnist", "shapes")}
 
 
-@pytest.mark.parametrize("preset", ["mnist_unet.toml", "mnist_dit.toml", "mnist_ldm.toml", "shapes_ldm.toml"])
+@pytest.mark.parametrize("preset", ["mnist_unet.toml", "mnist_dit.toml", "mnist_ldm.toml", "shapes_ldm.toml",
+                                    "shape_maps.toml"])
 def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
     extra = ["train.steps=3", "train.sample_every=3"]
     if "ldm" in preset:
         extra.append(f"latent.autoencoder={json.dumps(str(autoencoders[preset.split('_')[0]]))}")
-    if "shapes" in preset:
+    if "shape" in preset:
         extra.append("data.size=64")
     tmp_path = tmp_path / "run"  # a run folder that does not exist yet
     model = diffusion.train(tiny(preset, tmp_path, *extra))
@@ -81,6 +84,7 @@ def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
     assert (tmp_path / "samples" / "step_0000003.png").is_file() and (tmp_path / "loss.png").is_file()
     assert (model / "model.safetensors").is_file()
     assert (model / "autoencoder").is_dir() == ("ldm" in preset)
+    assert load_pipeline(model).map_classes == (MAP_CLASSES if preset == "shape_maps.toml" else ())
 
 
 def test_autoencoder_trainer_adversarial_start_and_scaling(autoencoders, tmp_path):

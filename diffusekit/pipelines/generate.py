@@ -28,9 +28,10 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
              sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
              spacing: str | None = None, upsample_guidance: float | None = None, ug_eta: float = defaults.UG_ETA,
              image: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
-             low_res: Tensor | None = None, latents: Tensor | None = None, denoising_start: float = 0.0,
-             denoising_end: float = 1.0, output: str = "image", original_size: tuple[int, int] | None = None,
-             crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+             low_res: Tensor | None = None, semantic_map: Tensor | None = None, latents: Tensor | None = None,
+             denoising_start: float = 0.0, denoising_end: float = 1.0, output: str = "image",
+             original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
+             target_size: tuple[int, int] | None = None,
              generator: torch.Generator | None = None, wrap: Callable[[Denoiser], Denoiser] | None = None,
              classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0,
              callback: Callback | None = None, progress: bool = False, **sampler_options: Any) -> Tensor:
@@ -43,6 +44,8 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     - inpainting: `image` and `mask` [1 or n, 1, H, W] (1 = generate); dedicated 9-channel models also
       get mask + masked-image latent concatenated; every model keeps the known region (`Inpaint`);
     - super-resolution models: `low_res` [1 or n, C, H / f, W / f];
+    - semantic-map models: `semantic_map` [1 or n, H, W] of class indices (`Pipeline.map_classes`), one-hot
+      concatenated; a map larger than the training size samples convolutionally (or with Upsample Guidance);
     - refiner hand-off: `denoising_end` < 1 stops a fraction of the way down the grid (use output='latent'),
       `denoising_start` > 0 with those `latents` finishes it;
     - SDXL micro-conditioning: `original_size`, `crop_top_left`, `target_size` (default: the output size);
@@ -51,10 +54,12 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     - `callback(i, t, x, prediction)` after every step; `sampler_options` (eta, variance, order) go to the sampler.
     A state that turns NaN / inf raises FloatingPointError naming the first such step."""
     check_settings(n, steps, cfg, upsample_guidance, ug_eta, denoising_start, denoising_end, output)
-    H, W = height or pipe.resolution[0], width or pipe.resolution[1]
-    shape, image, mask, low_res = check_inputs(pipe, n, H, W, image, mask, low_res, upsample_guidance)
+    size = tuple(semantic_map.shape[-2:]) if torch.is_tensor(semantic_map) else pipe.resolution  # the default
+    H, W = height or size[0], width or size[1]
+    shape, image, mask, low_res, semantic_map = check_inputs(pipe, n, H, W, image, mask, low_res, upsample_guidance,
+                                                             semantic_map)
     cond = conditions(pipe, n, labels, prompts, (H, W), original_size, crop_top_left, target_size)
-    task = encode_inputs(pipe, shape, image, mask, low_res, generator)
+    task = encode_inputs(pipe, shape, image, mask, low_res, generator, semantic_map)
     if task.concat is not None:
         cond["concat"] = task.concat
     denoiser = guided(pipe, cond, negative, cfg, task, upsample_guidance, ug_eta, (H, W), wrap)

@@ -1,6 +1,6 @@
 """The task inputs of a generation, checked against the pipeline before any work (so that a front-end can check
 a request before queueing it), and what they become for the sampler: the known region of img2img and
-inpainting, and the concatenated conditions of inpainting models and super-resolution."""
+inpainting, and the concatenated conditions of inpainting models, super-resolution and semantic maps."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ def upsample_factor(pipe: Pipeline, height: int, width: int) -> int:
 
 def check_inputs(pipe: Pipeline, n: int, height: int, width: int, image: Tensor | None = None,
                  mask: Tensor | None = None, low_res: Tensor | None = None,
-                 upsample_guidance: float | None = None) -> tuple[tuple[int, int, int], Tensor | None,
-                                                                  Tensor | None, Tensor | None]:
+                 upsample_guidance: float | None = None,
+                 semantic_map: Tensor | None = None) -> tuple[tuple[int, int, int], Tensor | None, Tensor | None,
+                                                              Tensor | None, Tensor | None]:
     """generate's checks of its inputs against the model, cheap enough to run before queueing the work: the
-    diffusion state's shape (C, h, w), and the image, mask and low-resolution input as n images each (or None).
-    Raises ValueError naming the problem (size not divisible, wrong channels, mask size, UG size, ...)."""
+    diffusion state's shape (C, h, w), and the image, mask, low-resolution input and semantic map as n each (or
+    None). Raises ValueError naming the problem (size not divisible, wrong channels, mask size, UG size, ...)."""
     shape = pipe.latent_shape(height, width)
     if image is not None:
         image = check_image(image, n, pipe.channels, (height, width), "image")
@@ -48,9 +49,14 @@ def check_inputs(pipe: Pipeline, n: int, height: int, width: int, image: Tensor 
     if low_res is not None:
         f = pipe.low_res_factor
         low_res = check_image(low_res, n, pipe.channels, (height // f, width // f), "low_res")
+    if (semantic_map is not None) != bool(pipe.map_classes):
+        raise ValueError("this is a semantic-map model: pass a map of its classes" if pipe.map_classes
+                         else "this model is not a semantic-map model: it takes no map")
+    if semantic_map is not None:
+        semantic_map = check_map(semantic_map, n, (height, width), len(pipe.map_classes))
     if upsample_guidance is not None:
         upsample_factor(pipe, height, width)
-    return shape, image, mask, low_res
+    return shape, image, mask, low_res, semantic_map
 
 
 def check_image(image: Tensor, n: int, channels: int, size: tuple[int, int], what: str,
@@ -80,6 +86,29 @@ def check_mask(mask: Tensor, n: int, size: tuple[int, int]) -> Tensor:
     return (mask > 0.5).float()
 
 
+def check_map(semantic_map: Tensor, n: int, size: tuple[int, int], classes: int) -> Tensor:
+    """A semantic map [1 or n, H, W] of class indices in [0, classes), as n maps."""
+    if not torch.is_tensor(semantic_map) or semantic_map.ndim != 3 or semantic_map.is_floating_point():
+        raise ValueError(f"the map must be an integer tensor [N, H, W] of class indices, got "
+                         f"{getattr(semantic_map, 'dtype', type(semantic_map).__name__)} "
+                         f"{tuple(getattr(semantic_map, 'shape', ()))}")
+    if semantic_map.shape[0] not in (1, n):
+        raise ValueError(f"the map batch holds {semantic_map.shape[0]} maps; pass 1 or {n}")
+    if tuple(semantic_map.shape[-2:]) != tuple(size):
+        raise ValueError(f"the map is {semantic_map.shape[-2]}x{semantic_map.shape[-1]}; it must be "
+                         f"{size[0]}x{size[1]}, the image's size")
+    if semantic_map.min() < 0 or semantic_map.max() >= classes:
+        raise ValueError(f"map classes must be in 0-{classes - 1}, got {semantic_map.min()}-{semantic_map.max()}")
+    return semantic_map.long().expand(n, -1, -1)
+
+
+def map_condition(semantic_map: Tensor, classes: int, size: Sequence[int]) -> Tensor:
+    """A semantic map's concatenated condition: one-hot [n, classes, h, w], averaged over each state pixel's
+    pixels (a latent pixel holds the shares of its classes)."""
+    one_hot = F.one_hot(semantic_map, classes).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(one_hot, tuple(size)) if tuple(size) != one_hot.shape[-2:] else one_hot
+
+
 def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """N(0, I) noise drawn on the generator's device (the CPU without one), so that a seed gives the same
     noise wherever the model runs; then moved to `device`."""
@@ -97,14 +126,15 @@ class TaskInputs(NamedTuple):
 
     known: Tensor | None  # the encoded input image (img2img's start, inpainting's known region)
     keep: Tensor | None  # inpainting: 1 where the state is known (a latent pixel is known if all its pixels are)
-    concat: Tensor | None  # the condition concatenated to the network's input (inpainting models, super-resolution)
+    concat: Tensor | None  # concatenated to the network's input (inpainting models, super-resolution, maps)
 
 
 def encode_inputs(pipe: Pipeline, shape: tuple[int, int, int], image: Tensor | None, mask: Tensor | None,
-                  low_res: Tensor | None, generator: torch.Generator | None) -> TaskInputs:
+                  low_res: Tensor | None, generator: torch.Generator | None,
+                  semantic_map: Tensor | None = None) -> TaskInputs:
     """Encode the checked inputs: the image, the mask pooled to the state's resolution, and the concatenated
     condition (mask + masked-image latent for inpainting models; the noise-augmented low-resolution image,
-    whose noise is drawn from `generator`, for super-resolution)."""
+    whose noise is drawn from `generator`, for super-resolution; the one-hot map for semantic-map models)."""
     known = keep = concat = None
     if image is not None:
         known = pipe.encode(image.to(pipe.device))
@@ -118,4 +148,6 @@ def encode_inputs(pipe: Pipeline, shape: tuple[int, int, int], image: Tensor | N
         low_res = low_res.to(pipe.device)
         z = randn(low_res.shape, generator, pipe.device)
         concat = low_res_condition(low_res, shape[1:], z, pipe.low_res_noise)
+    if semantic_map is not None:
+        concat = map_condition(semantic_map.to(pipe.device), len(pipe.map_classes), shape[1:])
     return TaskInputs(known, keep, concat)

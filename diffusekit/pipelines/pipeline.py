@@ -34,6 +34,7 @@ class Pipeline:
     text_encoder_name: str = ""
     low_res_factor: int = 0  # super-resolution models: the low-resolution input is H / f x W / f
     low_res_noise: float = 0.0  # and is noise-augmented with this standard deviation
+    map_classes: tuple[str, ...] = ()  # semantic-map models: the class of each map index, one-hot concatenated
 
     def __post_init__(self):
         self.schedule = self.settings.make_schedule()
@@ -82,12 +83,12 @@ class Pipeline:
     def is_inpainting(self) -> bool:
         """Whether the network is a dedicated inpainting model (SD's 9-channel form: noisy state + mask + the masked
         image's latent), which needs an image and a mask."""
-        return not self.low_res_factor and self.net.config.in_channels != self.latent_channels
+        return not self.low_res_factor and not self.map_classes and self.net.config.in_channels != self.latent_channels
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """What the pipeline can do: 'upscale' (super-resolution models), 'inpaint' (inpainting models), or
-        'sample', 'img2img' and 'inpaint' (training-free) for every other model."""
+        'sample', 'img2img' and 'inpaint' (training-free) for every other model (semantic-map models: of a map)."""
         if self.low_res_factor:
             return ("upscale",)
         return ("inpaint",) if self.is_inpainting else ("sample", "img2img", "inpaint")

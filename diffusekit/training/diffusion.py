@@ -29,7 +29,7 @@ from ..denoisers import NetworkDenoiser
 from ..images import save_grid
 from ..models import build
 from ..pipelines import Pipeline, generate, save_pipeline
-from ..pipelines.inputs import low_res_condition
+from ..pipelines.inputs import low_res_condition, map_condition
 from ..schedules import Schedule
 from .batches import LatentCache
 from .config import DiffusionSection, TrainConfig
@@ -72,8 +72,12 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
     net = build(cfg.model.type, cfg.model.config, device=device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     num_classes = getattr(dataset, "num_classes", None) if "class_labels" in net.cond_keys else None
+    map_classes = tuple(getattr(dataset, "map_classes", ()))
     pipe = Pipeline(ema, D.settings(), resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder,
-                    L.factor, L.noise)
+                    L.factor, L.noise, map_classes)
+    if map_classes and net.config.in_channels != pipe.latent_channels + len(map_classes):
+        raise ValueError(f"a map model on {cfg.data.dataset} takes {pipe.latent_channels} + {len(map_classes)} "
+                         f"(one-hot map) input channels; the model's in_channels is {net.config.in_channels}")
     model = nn.parallel.DistributedDataParallel(net) if procs.world > 1 else net
     if T.compile:
         model = torch.compile(model)
@@ -83,9 +87,11 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
                   torch.optim.AdamW(net.parameters(), lr=T.lr, betas=T.betas, weight_decay=T.weight_decay),
                   torch.amp.GradScaler(device.type, enabled=T.mixed_precision == "fp16"), autocast)
 
-    low_res = F.avg_pool2d(torch.stack([dataset[i]["image"] for i in range(cfg.sample.n * 4)]), L.factor) if L.factor else None
+    previews = range(cfg.sample.n * 4)  # the low-resolution images / maps of the preview grids
+    low_res = F.avg_pool2d(torch.stack([dataset[i]["image"] for i in previews]), L.factor) if L.factor else None
+    maps = torch.stack([dataset[i]["map"] for i in previews]) if map_classes else None
     trainer = Trainer({"model": net, "ema": ema}, {"opt": d.opt}, lambda data, index: step_diffusion(d, data, index),
-                      lambda path: sample_grid(cfg, pipe, path, low_res), lambda path: save_pipeline(pipe, path),
+                      lambda path: sample_grid(cfg, pipe, path, low_res, maps), lambda path: save_pipeline(pipe, path),
                       T.batch_size * T.grad_accum, d.scaler)
     with RunFolder(T.out_dir, procs.main) as folder:
         if ae is not None and cfg.latent.cache:
@@ -143,7 +149,7 @@ def latent_moments(batch: dict[str, Any], ae: nn.Module | None, device: torch.de
 
 def training_conditions(d: Diffusion, batch: dict[str, Any], x0: Tensor, r: dict[str, Tensor]) -> dict[str, Tensor]:
     """The micro-batch's conditions, dropped to the null condition where u < p_uncond (CFG dropout), and for
-    super-resolution the noise-augmented low-resolution input."""
+    super-resolution the noise-augmented low-resolution input, for map models the one-hot map."""
     keys, device, D, L = d.pipe.conditioner.keys, d.procs.device, d.cfg.diffusion, d.cfg.low_res
     cond = d.pipe.conditioner(len(x0), batch.get("label") if "class_labels" in keys else None,
                               batch.get("caption") if "context" in keys else None, d.pipe.resolution,
@@ -153,6 +159,8 @@ def training_conditions(d: Diffusion, batch: dict[str, Any], x0: Tensor, r: dict
     if L.factor:
         cond["concat"] = low_res_condition(F.avg_pool2d(x0, L.factor), d.pipe.resolution, r["low_res"].to(device),
                                            L.noise)
+    if d.pipe.map_classes:
+        cond["concat"] = map_condition(batch["map"].to(device), len(d.pipe.map_classes), x0.shape[-2:])
     return cond
 
 
@@ -184,10 +192,11 @@ def draw(seed: int, step: int, positions: range, shape: tuple[int, ...], schedul
     return {k: torch.cat(v) if k in ("t", "u") else torch.stack(v) for k, v in out.items() if v}
 
 
-def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path, low_res: Tensor | None = None) -> Path | None:
+def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path, low_res: Tensor | None = None,
+                maps: Tensor | None = None) -> Path | None:
     """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional (super-
-    resolution models: of `low_res` images). A grid that comes out NaN is a warning (the loss, checked at every
-    log line, decides whether to stop)."""
+    resolution models: of `low_res` images; map models: of `maps`). A grid that comes out NaN is a warning (the
+    loss, checked at every log line, decides whether to stop)."""
     S = cfg.sample
     g = torch.Generator().manual_seed(cfg.train.seed)
     labels, prompts, rows = None, None, None
@@ -201,7 +210,7 @@ def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path, low_res: Tensor | 
     n = len(labels) if labels is not None else len(prompts) if prompts else S.n * 4
     try:
         images = generate(pipe, n, labels=labels, prompts=prompts, sampler=S.sampler, steps=S.steps, cfg=S.cfg,
-                          low_res=low_res, generator=g)
+                          low_res=low_res, semantic_map=maps, generator=g)
     except FloatingPointError as e:
         warnings.warn(f"preview {path.name} skipped: {e}")
         return None
