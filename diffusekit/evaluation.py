@@ -285,14 +285,39 @@ def segment_shapes(images: Tensor, min_area: int = 4, square_fill: float = 0.89,
     return cls[inverse]
 
 
+def iou_counts(pred: Tensor, target: Tensor, classes: int) -> Tensor:
+    """Per map of class maps [N, H, W]: its pixel counts [N, 3, classes] of each class in both (intersection),
+    in the prediction, and in the target; they add up over maps, so a set's mIoU can be bootstrapped."""
+    n = len(pred)
+    offset = torch.arange(n, device=pred.device).view(n, *[1] * (pred.ndim - 1)) * classes
+
+    def count(m: Tensor) -> Tensor:
+        return torch.bincount(m.flatten(), minlength=n * classes).view(n, classes)
+
+    return torch.stack([count((target + offset)[pred == target]), count(pred + offset), count(target + offset)], 1)
+
+
+def iou_of_counts(counts: Tensor) -> tuple[float, Tensor]:
+    """mIoU over the classes present in prediction or target, and the per-class IoU (NaN where absent), of
+    summed iou_counts [3, classes]."""
+    inter, predicted, target = counts.double()
+    union = predicted + target - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.nan)
+    return iou.nanmean().item(), iou
+
+
 def mean_iou(pred: Tensor, target: Tensor, classes: int) -> tuple[float, Tensor]:
     """Mean intersection over union of class maps over a whole set (pixels of all maps pooled per class), over the
     classes present in either; and the per-class IoU [classes] (NaN where absent)."""
-    p, t = pred.flatten(), target.flatten()
-    inter = torch.bincount(t[p == t], minlength=classes).double()
-    union = torch.bincount(p, minlength=classes).double() + torch.bincount(t, minlength=classes).double() - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.nan)
-    return iou.nanmean().item(), iou
+    return iou_of_counts(iou_counts(pred, target, classes).sum(0))
+
+
+def bootstrap(f: Callable[[Tensor], float], n: int, rounds: int = 200, seed: int = 0) -> tuple[float, float]:
+    """The 95% bootstrap interval (2.5% and 97.5% quantiles) of a statistic f(indices) over `rounds` resamples
+    of range(n) with replacement."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([f(torch.randint(0, n, (n,), generator=g)) for _ in range(rounds)])
+    return values.quantile(0.025).item(), values.quantile(0.975).item()
 
 
 def colour_classes(maps: Tensor) -> Tensor:

@@ -244,8 +244,8 @@ def task_inputs(r: Request, pipe: Pipeline) -> tuple[dict[str, Tensor], tuple[in
     if r.map is not None and not pipe.map_classes:
         raise ValueError(f"--map needs a semantic-map model; {r.model} takes no map")
     if r.map is None and pipe.map_classes:
-        raise ValueError(f"{r.model} is a semantic-map model: pass --map (a PNG whose pixels are class indices "
-                         f"0-{len(pipe.map_classes) - 1}: {', '.join(pipe.map_classes)})")
+        raise ValueError(f"{r.model} is a semantic-map model: pass a map (--map FILE: a PNG whose pixels are class "
+                         f"indices 0-{len(pipe.map_classes) - 1}: {', '.join(pipe.map_classes)})")
     maps = {"semantic_map": load_map(r.map, len(pipe.map_classes))} if r.map is not None else {}
     if r.input_image is None:
         return maps, tuple(maps["semantic_map"].shape[-2:]) if maps else pipe.resolution

@@ -31,7 +31,7 @@ from PIL import Image
 
 from . import defaults
 from .bundled import MODELS, model_folder
-from .images import grid_image, standard_mode
+from .images import grid_image, map_colours, standard_mode
 from .outputs import Destination, parameters, version, write
 from .pipelines import Pipeline
 from .requests import TASKS, Limits, Plan, Request, check_task, load_model, plan, run
@@ -79,6 +79,11 @@ class JobRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, description="img2img / inpaint; null: the task's default")
     image: str | None = Field(None, description="input image: a data URL or base64 (img2img, inpaint, upscale)")
     mask: str | None = Field(None, description="inpainting mask of the image's size, white = regenerate")
+    map: str | None = Field(None, description="semantic map (map models): a palette or grey PNG of class indices, "
+                                              "or painted in the classes' colours (GET /api/models)")
+
+
+UPLOADS = {"image": "input_image", "mask": "mask", "map": "map"}  # JobRequest's images -> their Request fields
 
 
 class QueueFull(Exception):
@@ -106,7 +111,9 @@ class Served:
         pipe = self.pipe
         return {"name": name, "kind": pipe.conditioning, "classes": pipe.num_classes,
                 "resolution": list(pipe.resolution), "channels": pipe.channels, "factor": pipe.size_multiple,
-                "tasks": list(pipe.tasks), "low_res_factor": pipe.low_res_factor, "dtype": self.dtype}
+                "tasks": list(pipe.tasks), "low_res_factor": pipe.low_res_factor, "dtype": self.dtype,
+                "map_classes": list(pipe.map_classes),  # (map models) and the colour that paints each
+                "map_colours": map_colours(len(pipe.map_classes)).int().tolist()}
 
 
 @dataclass
@@ -383,7 +390,8 @@ async def refuse(send: Any, status: int, detail: str) -> None:
 
 def save_upload(data: str, path: Path, limits: Limits, what: str) -> Path:
     """Decode an uploaded image (a data URL of an image type, or plain base64), check its size, and write it as an
-    8-bit greyscale or RGB PNG at `path` (`images.standard_mode`)."""
+    8-bit greyscale or RGB PNG at `path` (`images.standard_mode`); a map's palette or grey image as it is (its
+    pixels are class indices)."""
     if data.startswith("data:"):
         header, _, b64 = data[5:].partition(",")
         mime = header.split(";")[0].strip().lower()
@@ -400,7 +408,7 @@ def save_upload(data: str, path: Path, limits: Limits, what: str) -> Path:
                 raise TooLarge(f"{what} is {img.height}x{img.width}, over this server's limit of "
                                f"{limits.max_side} a side")
             img.load()
-            img = standard_mode(img)
+            img = img if what == "map" and img.mode in ("P", "L") else standard_mode(img)
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path, format="PNG")
     except (binascii.Error, OSError, Image.DecompressionBombError) as e:
@@ -443,9 +451,9 @@ class Server:
                              f"{', '.join(self.models)}")
         served, job_id = self.models[name], uuid.uuid4().hex
         check_task(req.task, served.pipe, name)  # (before the request's own checks of its inputs)
-        fields = req.model_dump(exclude={"model", "image", "mask"})
+        fields = req.model_dump(exclude={"model", *UPLOADS})
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        uploads = {"input_image": req.image, "mask": req.mask}
+        uploads = {field: getattr(req, key) for key, field in UPLOADS.items()}
         request = Request(**fields | {"seed": seed}, model=served.source, dtype=served.dtype, device=self.device,
                           **{k: "(upload)" for k, v in uploads.items() if v is not None})  # checked without files
         self.limits.check(request)
@@ -458,7 +466,7 @@ class Server:
             for path in paths.values():  # a refused request leaves nothing behind
                 Path(path).unlink()
             raise
-        view = req.model_dump(exclude={"image", "mask"}) | {"model": name, "seed": seed}
+        view = req.model_dump(exclude=set(UPLOADS)) | {"model": name, "seed": seed}
         return Job(job_id, name, view, p, Destination(outdir=str(self.outdir)), [Path(v) for v in paths.values()],
                    total=p.total_steps)
 
@@ -473,7 +481,7 @@ def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype
     state-changing requests only from its own origin, and with a `token` only from clients that present it."""
     server = Server(models, device, dtype, outdir, limits or Limits(), threads)
     upload = 4 * server.limits.max_upload // 3 + 4  # (base64)
-    guard = Guard({*LOOPBACK, "[::1]", host.lower()}, max_body=2 * upload + (64 << 10), token=token)
+    guard = Guard({*LOOPBACK, "[::1]", host.lower()}, max_body=len(UPLOADS) * upload + (64 << 10), token=token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

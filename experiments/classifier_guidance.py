@@ -20,24 +20,18 @@ import torch
 
 from diffusekit.bundled import CLASSIFIERS
 from diffusekit.data import MNIST
-from diffusekit.evaluation import class_accuracy, extract, frechet_distance, load_mnist_classifier, moments, sample_classes
+from diffusekit.evaluation import (bootstrap, class_accuracy, extract, frechet_distance, load_mnist_classifier, moments,
+                                   sample_classes)
 from diffusekit.images import save_grid
 from diffusekit.pipelines import load_classifier
 from diffusekit.requests import load_model
 
 
-def bootstrap(f, n: int, rounds: int, seed: int = 0) -> tuple[float, float]:
-    """The 2.5% and 97.5% quantiles of f(indices) over `rounds` resamples of range(n)."""
-    g = torch.Generator().manual_seed(seed)
-    values = torch.tensor([f(torch.randint(0, n, (n,), generator=g)) for _ in range(rounds)])
-    return values.quantile(0.025).item(), values.quantile(0.975).item()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100, help="samples per digit")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.5, 3.0])
+    p.add_argument("--scales", type=float, nargs="*", default=[1.0, 3.0, 10.0])
+    p.add_argument("--cfg", type=float, nargs="*", default=[1.5, 3.0])
     p.add_argument("--rounds", type=int, default=200, help="bootstrap resamples")
     p.add_argument("--out", default="docs/classifier_guidance")
     a = p.parse_args()

@@ -1,6 +1,9 @@
 """Semantic-map-to-image: the shape scenes and their maps, the segmenter that scores samples against their maps,
 map files, and a map model's condition reaching its network, at the training size and beyond it."""
 
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -161,8 +164,33 @@ def test_a_map_model_folder_round_trips_and_samples_from_the_command_line(pipe, 
           "--out", str(out), "--dtype", "fp32"])
     assert Image.open(out).size == (2 * (128 + 2) + 2, 128 + 2 + 2)  # two 64x64 images at scale 2, padded
     assert Image.open(tmp_path / "grid" / "000.png").size == (64, 64)
-    with pytest.raises(SystemExit, match="is a semantic-map model: pass --map"):
+    with pytest.raises(SystemExit, match="is a semantic-map model: pass a map"):
         main(["sample", "--model", str(folder), "--steps", "2", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="--map needs a semantic-map model"):
         main(["sample", "--map", str(tmp_path / "map.png"), "--steps", "2", "--out", str(tmp_path / "y.png")])
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_the_server_takes_a_map_as_indices_or_painted_and_refuses_a_map_model_job_without_one(pipe, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from diffusekit.server import JobRequest, create_app
+
+    folder = save_pipeline(pipe, tmp_path / "maps_model")
+    app = create_app([str(folder)], outdir=tmp_path / "serve", worker_thread=False)
+    server = app.state.server
+    info = server.model_info["maps_model"]
+    assert info["map_classes"] == list(MAP_CLASSES) and info["map_colours"][1] == list(MAP_PALETTE[1])
+    _, maps = scenes(1, resolution=64, tiles=2)
+    save_map(maps[0], tmp_path / "map.png")
+    painted = Image.fromarray(np.asarray(MAP_PALETTE, np.uint8)[maps[0].numpy()])
+    for image in (Image.open(tmp_path / "map.png"), painted):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        job = server.prepare(JobRequest(map=base64.b64encode(buf.getvalue()).decode(), steps=1))
+        assert torch.equal(job.plan.inputs["semantic_map"], maps) and job.plan.request.height == 64
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        r = client.post("/api/jobs", json={"steps": 1})
+        assert r.status_code == 400 and "semantic-map model: pass a map" in r.json()["detail"]
+    assert len(list((tmp_path / "serve" / "inputs").iterdir())) == 2  # the two prepared jobs' maps, not the refused

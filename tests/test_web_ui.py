@@ -217,3 +217,32 @@ def test_cancel_a_running_job(page, server):
     WebDriverWait(page, 10).until(lambda d: d.execute_script(NEW_JOB, before, False) == job["id"])
     assert "cancelled" in page.find_element(By.ID, "status").text
     assert js_errors(page) == []
+
+
+def test_a_painted_semantic_map_reaches_the_model_as_its_classes(driver, tmp_path):
+    from diffusekit.data import MAP_CLASSES
+    from diffusekit.images import load_map
+    from diffusekit.pipelines import save_pipeline
+    from tests.test_semantic_maps import map_pipeline
+
+    folder = save_pipeline(map_pipeline(), tmp_path / "maps_model")
+    with live_server(models=(str(folder),), outdir=tmp_path / "serve") as url:
+        page = load(driver, url)
+        assert page.find_element(By.ID, "map-box").is_displayed()
+        assert not page.find_element(By.ID, "label-row").is_displayed()
+        buttons = page.find_elements(By.CSS_SELECTOR, "#map-classes button")
+        assert [b.text for b in buttons] == list(MAP_CLASSES)
+        buttons[MAP_CLASSES.index("red square")].click()
+        canvas = page.find_element(By.ID, "map-canvas")
+        assert canvas.size == {"width": 256, "height": 256}  # 32x32 shown 8x
+        page.execute_script("document.getElementById('map-size').value = 6; arguments[0].scrollIntoView({block: "
+                            "'center'})", canvas)
+        ActionChains(page).move_to_element_with_offset(canvas, 0, 0).click().perform()  # a square of half-size 6
+        fill(page, steps=2, n=1)
+        job = generate(page, url)
+        assert job["status"] == "done" and np.asarray(Image.open(io.BytesIO(get(url, job["images"][0])))).shape[:2] \
+            == (32, 32)
+        sent = load_map(job["parameters"]["map"], len(MAP_CLASSES))[0]  # what the page sent, as saved
+        assert (sent[11:21, 11:21] == MAP_CLASSES.index("red square")).all()
+        assert not sent[:9].any() and not sent[23:].any() and not sent[:, :9].any() and not sent[:, 23:].any()
+        assert js_errors(page) == []
