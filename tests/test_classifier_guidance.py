@@ -112,3 +112,18 @@ def test_classifier_guidance_needs_labels_and_the_models_schedule(tmp_path):
                     extra={"diffusion": {**meta["diffusion"], "schedule": "cosine"}})
     with pytest.raises(ValueError, match="another schedule"):
         load_classifier(other, pipe)
+
+
+def test_train_classifier_command_writes_a_classifier_that_guides_the_model(tmp_path):
+    from diffusekit.bundled import MODELS
+    from diffusekit.checkpoints import read_config
+    from diffusekit.cli import main
+
+    out = tmp_path / "noisy"
+    main(["train-classifier", "--model", "mnist", "--steps", "2", "--out", str(out)])
+    meta = read_config(out)
+    accuracy = meta["heldout_accuracy"]  # at 4 noise levels, from t = 0 up
+    assert meta["diffusion"] == read_config(MODELS["mnist"])["diffusion"] and len(accuracy) == 4 and "t=0" in accuracy
+    main(["sample", "--labels", "3", "--n", "1", "--steps", "2", "--cfg", "0", "--classifier", str(out),
+          "--out", str(tmp_path / "cg.png")])
+    assert (tmp_path / "cg.png").is_file()

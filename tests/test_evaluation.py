@@ -77,3 +77,12 @@ def test_precision_recall_in_chunks_equals_the_whole_distance_matrix():
 
     assert precision_recall(real, fake, chunk=64) == (whole(real.double(), fake.double()),
                                                       whole(fake.double(), real.double()))
+
+
+def test_bootstrap_interval_covers_the_mean_with_the_normal_width():
+    x = (torch.rand(2000, generator=torch.Generator().manual_seed(0)) < 0.3).double()
+    lo, hi = ev.bootstrap(lambda i: x[i].mean().item(), len(x), rounds=400)
+    half = 1.96 * (x.mean() * (1 - x.mean()) / len(x)).sqrt().item()  # the normal approximation's half-width
+    assert lo < x.mean().item() < hi and abs((hi - lo) / 2 - half) < 0.2 * half
+    lo4, hi4 = ev.bootstrap(lambda i: x[i[:500]].mean().item(), len(x), rounds=400)  # 4x fewer samples: 2x wider
+    assert 1.6 < (hi4 - lo4) / (hi - lo) < 2.4
