@@ -219,6 +219,9 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                                         f"{', '.join(CLASSIFIERS)}); with --cfg 0 it guides the unconditional model")
     p.add_argument("--classifier-scale", type=field("classifier_scale", float), default=defaults.CLASSIFIER_SCALE,
                    help="classifier guidance scale s: eps - s b_t grad log p(y | x_t)")
+    p.add_argument("--layout", help="boxes of a layout model: \"red circle 0.1 0.1 0.4 0.4; blue square 0.5 0.5 0.9 "
+                                    "0.9\" (class, then x0 y0 x1 y1 as fractions of the width / height from the top "
+                                    "left), or the same as JSON")
     p.add_argument("--map", help="semantic map of a map model (a PNG of class indices, or painted in the classes' "
                                  "colours): its size is the output's; larger than the training size it samples "
                                  "convolutionally")

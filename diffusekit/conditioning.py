@@ -185,24 +185,99 @@ class ConditionedNetwork(Protocol):
         """The label whose embedding is the null condition of classifier-free guidance, if it has one."""
 
 
+def check_layout(layout: Tensor, classes: int, max_boxes: int) -> None:
+    """Raise ValueError unless `layout` [..., N, 5] holds at most max_boxes boxes (class, x0, y0, x1, y1) with
+    classes in [0, classes) (-1: no box) and 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1."""
+    if layout.shape[-1] != 5 or layout.shape[-2] > max_boxes:
+        raise ValueError(f"a layout holds at most {max_boxes} boxes of 5 numbers (class, x0, y0, x1, y1), got "
+                         f"{tuple(layout.shape)}")
+    cls, box = layout[..., 0], layout[..., 1:]
+    real = cls >= 0
+    if bool((cls != cls.round()).any() | (cls < -1).any() | (cls >= classes).any()):
+        raise ValueError(f"layout classes must be integers in [0, {classes}) (-1: no box), got {cls.unique().tolist()}")
+    if not bool(box[real].isfinite().all()) or bool(((box < 0) | (box > 1))[real].any()):
+        raise ValueError("layout coordinates must be fractions of the image in [0, 1]")
+    if bool(((box[..., 2] <= box[..., 0]) | (box[..., 3] <= box[..., 1]))[real].any()):
+        raise ValueError("a layout box needs x0 < x1 and y0 < y1")
+
+
+def parse_layout(text: str) -> list[tuple[str, float, float, float, float]]:
+    """A layout as users write it -> named boxes (class, x0, y0, x1, y1): "red circle 0.1 0.1 0.4 0.4; blue square
+    0.5 0.5 0.9 0.9" (boxes split by ';', each a class name and its 4 coordinates), or JSON: a list of
+    [class, x0, y0, x1, y1] or of {"class": ..., "box": [x0, y0, x1, y1]}. Coordinates are fractions of the image's
+    width (x) and height (y), from its top left. Raises ValueError naming the box it cannot read."""
+    items = [p.strip() for p in text.split(";") if p.strip()]
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"the layout is not valid JSON: {e}") from None
+    boxes = []
+    for k, item in enumerate(items):
+        try:
+            if isinstance(item, dict):
+                name, box = item["class"], item["box"]
+            elif isinstance(item, list):
+                name, box = item[0], item[1:]
+            else:
+                words = item.split()
+                name, box = " ".join(words[:-4]), words[-4:]
+            box = [float(v) for v in box]
+            if not isinstance(name, str) or not name or len(box) != 4:
+                raise ValueError
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"layout box {k + 1} ({str(item)[:80]!r}): expected a class name and 4 numbers x0 y0 x1 "
+                             f"y1") from None
+        boxes.append((name, *box))
+    return boxes
+
+
+def layout_tensor(boxes: Sequence[tuple[str, float, float, float, float]], classes: Sequence[str],
+                  max_boxes: int) -> Tensor:
+    """Named boxes (class name, x0, y0, x1, y1) -> a layout [max_boxes, 5] (class index; the rest no box),
+    checked (`check_layout`); an unknown class name is a ValueError listing the model's classes."""
+    if len(boxes) > max_boxes:
+        raise ValueError(f"the layout has {len(boxes)} boxes; this model takes at most {max_boxes}")
+    layout = torch.tensor([[-1.0, 0, 0, 0, 0]] * max_boxes)
+    for i, (name, *box) in enumerate(boxes):
+        if len(box) != 4:
+            raise ValueError(f"a layout box is a class and 4 coordinates x0 y0 x1 y1, got {name!r} {box}")
+        if name not in classes:
+            raise ValueError(f"unknown layout class {name!r}; this model's: {', '.join(classes)}")
+        layout[i] = torch.tensor([classes.index(name), *box], dtype=torch.float32)
+    check_layout(layout, len(classes), max_boxes)
+    return layout
+
+
 class Conditioner:
     """Conditions for a network from labels, prompts and image sizes, and their null counterparts.
 
-    The null condition is the network's own null class, the empty prompt (or a negative prompt) and
-    unchanged micro-conditioning (SDXL)."""
+    The null condition is the network's own null class, the empty prompt (or a negative prompt), the empty
+    layout (no boxes) and unchanged micro-conditioning (SDXL)."""
 
     def __init__(self, net: ConditionedNetwork, text_encoder: PromptEncoder | None = None,
                  num_classes: int | None = None):
         self.keys, self.null_class = tuple(net.cond_keys), net.null_class
         self.text_encoder, self.num_classes = text_encoder, num_classes
+        config = getattr(net, "config", None)  # layout models: how many box classes, and boxes at most
+        self.layout_classes = getattr(config, "layout_classes", 0)
+        self.layout_boxes = getattr(config, "layout_boxes", 0)
         self._empty: tuple[Tensor, Tensor] | None = None
 
     def __call__(self, n: int, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
                  size: tuple[int, int] | None = None, original_size: Tensor | None = None,
-                 crop_top_left: Tensor | None = None, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+                 crop_top_left: Tensor | None = None, device: torch.device | str = "cpu",
+                 layout: Tensor | None = None) -> dict[str, Tensor]:
         """The conditions of n samples of `size` (H, W): class labels, prompt tokens (and pooled
-        vector), micro-conditioning (original size defaults to `size`, crop to (0, 0))."""
+        vector), layouts [n, N, 5] of boxes, micro-conditioning (original size defaults to `size`, crop to (0, 0))."""
         cond: dict[str, Tensor] = {}
+        if "layout" in self.keys:
+            if layout is None or layout.ndim != 3 or len(layout) != n:
+                raise ValueError(f"this is a layout model: pass {n} layouts of boxes")
+            check_layout(layout, self.layout_classes, self.layout_boxes)
+            cond["layout"] = layout.float()
+        elif layout is not None:
+            raise ValueError("this model is not a layout model: it takes no layout")
         if "class_labels" in self.keys:
             if labels is None:
                 raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass labels")
@@ -234,6 +309,9 @@ class Conditioner:
         """The null condition for each of cond's samples: null class, empty prompt (or the negative
         prompts, one or one per sample); micro-conditioning is kept."""
         null = dict(cond)
+        if "layout" in cond:
+            null["layout"] = torch.where(torch.arange(5, device=cond["layout"].device) == 0, -1.0, 0.0).expand_as(
+                cond["layout"])
         if "class_labels" in cond:
             if self.null_class is None:
                 raise ValueError("classifier-free guidance needs a null class, and this network has none "

@@ -241,6 +241,33 @@ class ShapeMaps(Dataset):
         return {"image": to_tensor(img, 3), "map": torch.from_numpy(np.asarray(classes, dtype=np.int64).copy())}
 
 
+LAYOUT_CLASSES = MAP_CLASSES[1:]  # a layout box's class per index: shape type x colour
+
+
+class ShapeLayouts(ShapeMaps):
+    """ShapeMaps scenes with their layouts, for layout-to-image models: `image` and `layout` [max_boxes, 5], one
+    row (class index in LAYOUT_CLASSES, x0, y0, x1, y1 as fractions of the image) per shape's bounding box, the
+    rest -1 (no box). At tiles 1 a scene holds at most 3 shapes."""
+
+    layout_classes, map_classes = LAYOUT_CLASSES, ()
+
+    def __init__(self, resolution: int = 32, size: int = 10_000, seed: int = 0, tiles: int = 1,
+                 max_boxes: int = 3):
+        super().__init__(resolution, size, seed, tiles)
+        self.max_boxes = max_boxes
+
+    def layout(self, i: int) -> Tensor:
+        """Sample i's layout [max_boxes, 5]."""
+        R, layout = self.resolution, torch.tensor([[-1.0, 0, 0, 0, 0]] * self.max_boxes)
+        for k, (shape, colour, cx, cy, r) in enumerate(self.scene(i)[:self.max_boxes]):
+            box = [(cx - r) / R, (cy - r) / R, (cx + r + 1) / R, (cy + r + 1) / R]  # the pixels drawn, inclusive
+            layout[k] = torch.tensor([LAYOUT_CLASSES.index(f"{colour} {shape}"), *[min(max(v, 0), 1) for v in box]])
+        return layout
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": super().__getitem__(i)["image"], "layout": self.layout(i)}
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in samples[0]:
@@ -254,6 +281,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {  # a data config's `dataset` -> 
     "folder": lambda d, seed: ImageFolder(d.path, d.resolution, d.channels, d.random_crop, d.random_flip, seed),
     "shapes": lambda d, seed: Shapes(d.resolution, d.size, seed),
     "shape_maps": lambda d, seed: ShapeMaps(d.resolution, d.size, seed),
+    "shape_layouts": lambda d, seed: ShapeLayouts(d.resolution, d.size, seed),
 }
 
 

@@ -323,3 +323,39 @@ def bootstrap(f: Callable[[Tensor], float], n: int, rounds: int = 200, seed: int
 def colour_classes(maps: Tensor) -> Tensor:
     """ShapeMaps class maps as colour maps (0 background, 1 + COLOURS index), forgetting the shape type."""
     return torch.where(maps > 0, (maps - 1) % len(COLOURS) + 1, 0)
+
+
+def shape_boxes(maps: Tensor) -> list[Tensor]:
+    """The shapes of class maps [N, H, W] (0 background) as boxes: per map [k, 5] rows (class, x0, y0, x1, y1) of
+    each connected region of one class, its bounding box in fractions of the width / height (x1, y1 exclusive)."""
+    ids, (h, w), out = shape_components(maps), maps.shape[-2:], []
+    for m, i in zip(maps, ids):
+        rows = []
+        for r in i.unique()[i.unique() > 0]:
+            ys, xs = (i == r).nonzero(as_tuple=True)
+            rows.append([m[ys[0], xs[0]].item(), xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h])
+        out.append(torch.tensor(rows, dtype=torch.float32).view(-1, 5))
+    return out
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes (x0, y0, x1, y1) [..., 4] against [..., 4], broadcast."""
+    lo, hi = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1)
+    return inter / (area - inter).clamp(min=1e-12)
+
+
+def layout_hits(maps: Tensor, layouts: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+    """For each requested box of `layouts` [N, B, 5] (class index into data.LAYOUT_CLASSES; -1 none) in segmented
+    samples `maps` [N, H, W] (`segment_shapes`): whether a shape of its class (shape type and colour), and whether
+    one of its colour, has a bounding box of IoU >= threshold with it. Two bool tensors over the requested boxes."""
+    hits, colour_hits = [], []
+    for found, layout in zip(shape_boxes(maps), layouts):
+        for cls, *box in layout[layout[:, 0] >= 0].tolist():
+            iou = box_iou(found[:, 1:], torch.tensor(box))
+            same = found[:, 0] == cls + 1  # map classes count the background first
+            colour = colour_classes(found[:, 0].long()) == colour_classes(torch.tensor(int(cls) + 1))
+            hits.append(bool((iou[same] >= threshold).any()))
+            colour_hits.append(bool((iou[colour] >= threshold).any()))
+    return torch.tensor(hits), torch.tensor(colour_hits)

@@ -22,6 +22,7 @@ from torch import Tensor
 from . import defaults
 from .acceleration import DTYPES, accelerate, resolve_dtype
 from .bundled import model_folder
+from .conditioning import layout_tensor, parse_layout
 from .images import load_image, load_map
 from .guidance import NoisyClassifier
 from .pipelines import Pipeline, generate, load_pipeline
@@ -99,6 +100,7 @@ class Request:
     input_image: str | None = None  # img2img / inpaint / upscale input (a file)
     mask: str | None = None  # inpainting mask (a file, white = regenerate)
     map: str | None = None  # semantic map (a file: class indices, or painted in images.MAP_PALETTE) of map models
+    layout: str | None = None  # layout models' boxes: "red circle 0.1 0.1 0.4 0.4; ..." or JSON (parse_layout)
     strength: float | None = None  # img2img / inpaint; None: the task's default
     text_encoder: str | None = None  # text encoder folder for an SD single file
     refiner: str | None = None  # a second model that finishes the schedule
@@ -226,7 +228,7 @@ def check_task(task: str, pipe: Pipeline, model: str) -> None:
 def check_conditions(r: Request, pipe: Pipeline) -> None:
     """Refuse labels / prompts that the model would silently ignore, and labels it lacks."""
     kind = {"class": "class-conditional (use --labels)", "text": "text-conditional (use --prompt)",
-            "unconditional": "unconditional"}[pipe.conditioning]
+            "layout": "a layout model (use --layout)", "unconditional": "unconditional"}[pipe.conditioning]
     if (r.prompt or r.negative) and pipe.conditioning != "text":
         raise ValueError(f"--prompt / --negative need a text-conditional model; {r.model} is {kind}")
     if r.labels and pipe.conditioning != "class":
@@ -236,6 +238,11 @@ def check_conditions(r: Request, pipe: Pipeline) -> None:
                          f"(0-{pipe.num_classes - 1})")
     if pipe.conditioning == "text" and not r.prompt:
         raise ValueError("this model is text-conditional: pass --prompt (several allowed)")
+    if r.layout is not None and pipe.conditioning != "layout":
+        raise ValueError(f"--layout needs a layout model; {r.model} is {kind}")
+    if pipe.conditioning == "layout" and r.layout is None:
+        raise ValueError(f"{r.model} is a layout model: pass --layout \"CLASS x0 y0 x1 y1; ...\" (coordinates in "
+                         f"[0, 1]; classes: {', '.join(pipe.layout_classes)})")
 
 
 def task_inputs(r: Request, pipe: Pipeline) -> tuple[dict[str, Tensor], tuple[int, int]]:
@@ -267,6 +274,9 @@ def batch(r: Request, pipe: Pipeline) -> tuple[dict[str, Any], list[str] | None,
         return {"labels": torch.tensor([o["label"] for o in own])}, [str(c) for c in r.labels], own
     if pipe.conditioning == "unconditional":
         return {}, None, [{}] * r.n
+    if pipe.conditioning == "layout":
+        layout = layout_tensor(parse_layout(r.layout), pipe.layout_classes, pipe.net.config.layout_boxes)
+        return {"layout": layout.expand(r.n, -1, -1)}, None, [{}] * r.n
     negative = r.negative or [None]
     if len(negative) not in (1, len(r.prompt)):
         raise ValueError(f"pass one --negative, or one per --prompt ({len(r.prompt)}), got {len(negative)}")

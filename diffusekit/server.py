@@ -79,6 +79,8 @@ class JobRequest(BaseModel):
     strength: float | None = Field(None, gt=0, le=1, description="img2img / inpaint; null: the task's default")
     image: str | None = Field(None, description="input image: a data URL or base64 (img2img, inpaint, upscale)")
     mask: str | None = Field(None, description="inpainting mask of the image's size, white = regenerate")
+    layout: str | None = Field(None, max_length=4000, description="layout models' boxes: \"red circle 0.1 0.1 0.4 "
+                                                                  "0.4; ...\" or JSON (x0 y0 x1 y1 in [0, 1])")
     map: str | None = Field(None, description="semantic map (map models): a palette or grey PNG of class indices, "
                                               "or painted in the classes' colours (GET /api/models)")
 
@@ -112,6 +114,7 @@ class Served:
         return {"name": name, "kind": pipe.conditioning, "classes": pipe.num_classes,
                 "resolution": list(pipe.resolution), "channels": pipe.channels, "factor": pipe.size_multiple,
                 "tasks": list(pipe.tasks), "low_res_factor": pipe.low_res_factor, "dtype": self.dtype,
+                "layout_classes": list(pipe.layout_classes),  # (layout models)
                 "map_classes": list(pipe.map_classes),  # (map models) and the colour that paints each
                 "map_colours": map_colours(len(pipe.map_classes)).int().tolist()}
 

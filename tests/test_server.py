@@ -73,8 +73,8 @@ def test_models_page_and_schema(client):
     models = {m["name"]: m for m in info["models"]}
     assert models["mnist"] | {"dtype": None} == {
         "name": "mnist", "kind": "class", "classes": 10, "resolution": [28, 28], "channels": 1, "factor": 2,
-        "tasks": ["sample", "img2img", "inpaint"], "low_res_factor": 0, "dtype": None, "map_classes": [],
-        "map_colours": []}
+        "tasks": ["sample", "img2img", "inpaint"], "low_res_factor": 0, "dtype": None, "layout_classes": [],
+        "map_classes": [], "map_colours": []}
     assert models["mnist_sr"]["tasks"] == ["upscale"] and models["mnist_sr"]["low_res_factor"] == 2
     assert info["samplers"] == list(SAMPLERS) and info["limits"]["max_steps"] == 60
     assert info["limits"]["max_side"] == 8 * 56  # 8x the largest output side (the SR model's 28 from 14)

@@ -70,7 +70,7 @@ def autoencoders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", ["mnist_unet.toml", "mnist_dit.toml", "mnist_ldm.toml", "shapes_ldm.toml",
-                                    "shape_maps.toml"])
+                                    "shape_maps.toml", "shape_layouts.toml"])
 def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
     extra = ["train.steps=3", "train.sample_every=3"]
     if "ldm" in preset:
@@ -85,6 +85,7 @@ def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
     assert (model / "model.safetensors").is_file()
     assert (model / "autoencoder").is_dir() == ("ldm" in preset)
     assert load_pipeline(model).map_classes == (MAP_CLASSES if preset == "shape_maps.toml" else ())
+    assert load_pipeline(model).layout_classes == (MAP_CLASSES[1:] if preset == "shape_layouts.toml" else ())
 
 
 def test_autoencoder_trainer_adversarial_start_and_scaling(autoencoders, tmp_path):

@@ -154,3 +154,34 @@ class SpatialSelfAttention(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         return x + self.attn(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class LayoutEncoder(nn.Module):
+    """Layouts of boxes -> cross-attention tokens (LDM's layout-to-image: layouts tokenised, through a transformer
+    encoder trained with the denoiser). A layout [B, N, 5] holds (class, x0, y0, x1, y1) per box, coordinates in
+    [0, 1] of the image's width / height, class -1 for no box (padding, and the whole of CFG's null layout). Each box
+    becomes one token, its class embedding (a last row for "no box") plus a linear map of Fourier features of its
+    corners, and `depth` pre-norm transformer blocks mix them -> [B, N, dim]. No positional embedding: a layout is
+    a set, and permuting its boxes permutes the tokens."""
+
+    def __init__(self, classes: int, dim: int, depth: int = 2, heads: int = 4, frequencies: int = 8):
+        super().__init__()
+        self.classes, self.frequencies = classes, frequencies
+        self.class_embed = nn.Embedding(classes + 1, dim)
+        self.box_embed = nn.Linear(8 * frequencies, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm1": nn.LayerNorm(dim), "attn": Attention(dim, heads),
+                                                   "norm2": nn.LayerNorm(dim), "ff": FeedForward(dim, glu=False)})
+                                    for _ in range(depth))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, layout: Tensor) -> Tensor:
+        dtype = self.box_embed.weight.dtype
+        cls = torch.where(layout[..., 0] < 0, self.classes, layout[..., 0]).long()  # (B, N)
+        freqs = 2 * math.pi * 2.0 ** torch.arange(self.frequencies, device=layout.device)
+        angles = layout[..., 1:, None].float() * freqs  # (B, N, 4, F)
+        fourier = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(dtype)
+        h = self.class_embed(cls) + self.box_embed(fourier) * (cls < self.classes)[..., None]
+        for b in self.blocks:
+            h = h + b["attn"](b["norm1"](h))
+            h = h + b["ff"](b["norm2"](h))
+        return self.norm_out(h)

@@ -7,6 +7,7 @@ LDM's input_blocks / middle_block / output_blocks, so a skip is pushed after eve
 every output block. Attention is a `SpatialTransformer` (self-attention, cross-attention to `context`, GEGLU MLP)
 when the config has a `context_dim`, else single-block spatial self-attention. Conditions are summed into the
 time embedding: class labels (optionally with a null row for CFG) and SDXL's pooled text + micro-conditioning.
+A layout-to-image UNet (`layout_classes`) encodes its `layout` of boxes into the cross-attention context itself.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class UNetConfig:
     norm_eps: float = 1e-5
     scale_shift: bool = False                # AdaGN in the ResBlocks
     asymmetric_downsample: bool = False      # pad (0, 1, 0, 1) + unpadded conv (the original DDPM)
+    layout_classes: int = 0                  # layout-to-image: box classes of `layout`, encoded as the context
+    layout_boxes: int = 8                    # the most boxes a layout holds
+    layout_depth: int = 2                    # transformer blocks of the layout encoder (its width: context_dim)
     num_classes: int | None = None           # class-label embedding added to the time embedding
     null_class: bool = False                 # one more row, index num_classes, as the CFG null label
     addition_time_embed_dim: int | None = None  # SDXL: sinusoid width per time id (256)
@@ -128,8 +132,8 @@ class Stage(nn.Module):
 
 
 class UNet(nn.Module):
-    """forward(x, t, context=None, class_labels=None, pooled=None, time_ids=None, concat=None) -> eps (or the
-    parametrization it was trained for), [B, out_channels (x2 if learned_sigma), H, W]."""
+    """forward(x, t, context=None, class_labels=None, pooled=None, time_ids=None, concat=None, layout=None) -> eps
+    (or the parametrization it was trained for), [B, out_channels (x2 if learned_sigma), H, W]."""
 
     model_type = "unet"
     config_class = UNetConfig
@@ -141,6 +145,10 @@ class UNet(nn.Module):
         self.time_embed = layers.TimestepMLP(c.channels, emb_dim)
         self.class_embed = nn.Embedding(c.num_classes + c.null_class, emb_dim) if c.num_classes else None
         self.add_embed = layers.TimestepMLP(c.addition_embed_dim, emb_dim) if c.addition_embed_dim else None
+        if c.layout_classes and not c.context_dim:
+            raise ValueError("a layout UNet (layout_classes) needs context_dim, its layout tokens' width")
+        self.layout_encoder = layers.LayoutEncoder(c.layout_classes, c.context_dim, c.layout_depth,
+                                                   max(1, c.context_dim // 32)) if c.layout_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
 
         ch, skips = c.channels, [c.channels]
@@ -185,7 +193,7 @@ class UNet(nn.Module):
     @property
     def cond_keys(self) -> tuple[str, ...]:
         """The condition keywords forward takes (besides `concat`, which task pipelines supply)."""
-        keys = ("context",) if self.uses_context else ()
+        keys = (("layout",) if self.layout_encoder is not None else ("context",)) if self.uses_context else ()
         keys += ("class_labels",) if self.class_embed is not None else ()
         return keys + (("pooled", "time_ids") if self.add_embed is not None else ())
 
@@ -201,9 +209,18 @@ class UNet(nn.Module):
         return bool(c.context_dim) and (c.mid_attention or len(c.attention_levels) > 0)
 
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor | None = None, class_labels: Tensor | None = None,
-                pooled: Tensor | None = None, time_ids: Tensor | None = None, concat: Tensor | None = None) -> Tensor:
+                pooled: Tensor | None = None, time_ids: Tensor | None = None, concat: Tensor | None = None,
+                layout: Tensor | None = None) -> Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
+        if (self.layout_encoder is None) != (layout is None):
+            raise ValueError(f"this UNet needs a `layout` [B, N <= {self.config.layout_boxes}, 5] of boxes"
+                             if layout is None else "this UNet takes no `layout` (layout_classes is not set)")
+        if layout is not None:
+            if layout.ndim != 3 or layout.shape[-1] != 5 or layout.shape[1] > self.config.layout_boxes:
+                raise ValueError(f"layout must be [B, N <= {self.config.layout_boxes}, 5] boxes (class, x0, y0, x1, "
+                                 f"y1), got {tuple(layout.shape)}")
+            context = self.layout_encoder(layout)
         self._check(x, context, class_labels, pooled, time_ids)
         emb = self.embed(x, t, class_labels, pooled, time_ids)  # (B, 4 * channels)
         context = context.to(x.dtype) if context is not None else None

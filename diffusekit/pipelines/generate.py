@@ -28,7 +28,8 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
              sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
              spacing: str | None = None, upsample_guidance: float | None = None, ug_eta: float = defaults.UG_ETA,
              image: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
-             low_res: Tensor | None = None, semantic_map: Tensor | None = None, latents: Tensor | None = None,
+             low_res: Tensor | None = None, semantic_map: Tensor | None = None, layout: Tensor | None = None,
+             latents: Tensor | None = None,
              denoising_start: float = 0.0, denoising_end: float = 1.0, output: str = "image",
              original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
              target_size: tuple[int, int] | None = None,
@@ -44,6 +45,8 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     - inpainting: `image` and `mask` [1 or n, 1, H, W] (1 = generate); dedicated 9-channel models also
       get mask + masked-image latent concatenated; every model keeps the known region (`Inpaint`);
     - super-resolution models: `low_res` [1 or n, C, H / f, W / f];
+    - layout models: `layout` [1 or n, N, 5] boxes (class index in `Pipeline.layout_classes`, x0, y0, x1, y1 in
+      [0, 1]; class -1: no box; `conditioning.layout_tensor` builds one from names), CFG against no boxes;
     - semantic-map models: `semantic_map` [1 or n, H, W] of class indices (`Pipeline.map_classes`), one-hot
       concatenated; a map larger than the training size samples convolutionally (or with Upsample Guidance);
     - refiner hand-off: `denoising_end` < 1 stops a fraction of the way down the grid (use output='latent'),
@@ -58,7 +61,7 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     H, W = height or size[0], width or size[1]
     shape, image, mask, low_res, semantic_map = check_inputs(pipe, n, H, W, image, mask, low_res, upsample_guidance,
                                                              semantic_map)
-    cond = conditions(pipe, n, labels, prompts, (H, W), original_size, crop_top_left, target_size)
+    cond = conditions(pipe, n, labels, prompts, (H, W), original_size, crop_top_left, target_size, layout)
     task = encode_inputs(pipe, shape, image, mask, low_res, generator, semantic_map)
     if task.concat is not None:
         cond["concat"] = task.concat
@@ -90,12 +93,15 @@ def check_settings(n: int, steps: int, cfg: float, upsample_guidance: float | No
 
 def conditions(pipe: Pipeline, n: int, labels: Tensor | None, prompts: Sequence[str] | None, size: tuple[int, int],
                original_size: tuple[int, int] | None, crop_top_left: tuple[int, int],
-               target_size: tuple[int, int] | None) -> dict[str, Tensor]:
-    """The network's conditions for n samples: labels or prompts, and SDXL's micro-conditioning."""
+               target_size: tuple[int, int] | None, layout: Tensor | None = None) -> dict[str, Tensor]:
+    """The network's conditions for n samples: labels, prompts or layouts (1 or n), and SDXL's
+    micro-conditioning."""
     original = tuple(original_size or target_size or size)
+    if layout is not None:
+        layout = layout.expand(n, -1, -1) if layout.ndim == 3 and len(layout) == 1 else layout
     return pipe.conditioner(n, labels, prompts, size=tuple(target_size or size), device=pipe.device,
                             original_size=torch.tensor([original]).expand(n, 2),
-                            crop_top_left=torch.tensor([crop_top_left]).expand(n, 2))
+                            crop_top_left=torch.tensor([crop_top_left]).expand(n, 2), layout=layout)
 
 
 def guided(pipe: Pipeline, cond: dict[str, Tensor], negative: Sequence[str] | None, cfg: float, task: TaskInputs,

@@ -25,7 +25,8 @@ def save_pipeline(pipe: Pipeline, path: str | Path, dtype: torch.dtype | None = 
                                                           "text_encoder": pipe.text_encoder_name,
                                                           "low_res_factor": pipe.low_res_factor,
                                                           "low_res_noise": pipe.low_res_noise,
-                                                          "map_classes": list(pipe.map_classes)}}
+                                                          "map_classes": list(pipe.map_classes),
+                                                          "layout_classes": list(pipe.layout_classes)}}
     with staging_dir(path) as tmp:  # one atomic replace, so a network never goes without its autoencoder
         write_model(pipe.net, tmp, dtype, extra)
         if pipe.autoencoder is not None:
@@ -66,4 +67,5 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     text_encoder = load_text_encoder(cond["text_encoder"], device=device) if cond.get("text_encoder") else None
     return Pipeline(net, DiffusionSettings(**meta["diffusion"]), tuple(meta["image"]["resolution"]),
                     meta["image"]["channels"], cond.get("num_classes"), ae, text_encoder, cond.get("text_encoder", ""),
-                    cond.get("low_res_factor", 0), cond.get("low_res_noise", 0.0), tuple(cond.get("map_classes", ())))
+                    cond.get("low_res_factor", 0), cond.get("low_res_noise", 0.0), tuple(cond.get("map_classes", ())),
+                    tuple(cond.get("layout_classes", ())))

@@ -35,6 +35,7 @@ class Pipeline:
     low_res_factor: int = 0  # super-resolution models: the low-resolution input is H / f x W / f
     low_res_noise: float = 0.0  # and is noise-augmented with this standard deviation
     map_classes: tuple[str, ...] = ()  # semantic-map models: the class of each map index, one-hot concatenated
+    layout_classes: tuple[str, ...] = ()  # layout models: the class of each box class index
 
     def __post_init__(self):
         self.schedule = self.settings.make_schedule()
@@ -66,8 +67,11 @@ class Pipeline:
 
     @property
     def conditioning(self) -> str:
-        """What the network is conditioned on: 'class' (labels), 'text' (prompts) or 'unconditional'."""
-        return "class" if self.num_classes else "text" if self.text_encoder is not None else "unconditional"
+        """What the network is conditioned on: 'class' (labels), 'text' (prompts), 'layout' (boxes) or
+        'unconditional'."""
+        if self.num_classes:
+            return "class"
+        return "text" if self.text_encoder is not None else "layout" if self.layout_classes else "unconditional"
 
     @property
     def factor(self) -> int:

@@ -73,8 +73,12 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     num_classes = getattr(dataset, "num_classes", None) if "class_labels" in net.cond_keys else None
     map_classes = tuple(getattr(dataset, "map_classes", ()))
+    layout_classes = tuple(getattr(dataset, "layout_classes", ())) if "layout" in net.cond_keys else ()
+    if "layout" in net.cond_keys and net.config.layout_classes != len(layout_classes):
+        raise ValueError(f"a layout model on {cfg.data.dataset} needs layout_classes = {len(layout_classes)}, got "
+                         f"{net.config.layout_classes}")
     pipe = Pipeline(ema, D.settings(), resolution, cfg.data.channels, num_classes, ae, text_encoder, cfg.text.encoder,
-                    L.factor, L.noise, map_classes)
+                    L.factor, L.noise, map_classes, layout_classes)
     if map_classes and net.config.in_channels != pipe.latent_channels + len(map_classes):
         raise ValueError(f"a map model on {cfg.data.dataset} takes {pipe.latent_channels} + {len(map_classes)} "
                          f"(one-hot map) input channels; the model's in_channels is {net.config.in_channels}")
@@ -90,8 +94,10 @@ def train(cfg: TrainConfig, resume: bool = True, force: bool = False) -> Path:
     previews = range(cfg.sample.n * 4)  # the low-resolution images / maps of the preview grids
     low_res = F.avg_pool2d(torch.stack([dataset[i]["image"] for i in previews]), L.factor) if L.factor else None
     maps = torch.stack([dataset[i]["map"] for i in previews]) if map_classes else None
+    layouts = torch.stack([dataset[i]["layout"] for i in previews]) if layout_classes else None
     trainer = Trainer({"model": net, "ema": ema}, {"opt": d.opt}, lambda data, index: step_diffusion(d, data, index),
-                      lambda path: sample_grid(cfg, pipe, path, low_res, maps), lambda path: save_pipeline(pipe, path),
+                      lambda path: sample_grid(cfg, pipe, path, low_res, maps, layouts),
+                      lambda path: save_pipeline(pipe, path),
                       T.batch_size * T.grad_accum, d.scaler)
     with RunFolder(T.out_dir, procs.main) as folder:
         if ae is not None and cfg.latent.cache:
@@ -153,7 +159,8 @@ def training_conditions(d: Diffusion, batch: dict[str, Any], x0: Tensor, r: dict
     keys, device, D, L = d.pipe.conditioner.keys, d.procs.device, d.cfg.diffusion, d.cfg.low_res
     cond = d.pipe.conditioner(len(x0), batch.get("label") if "class_labels" in keys else None,
                               batch.get("caption") if "context" in keys else None, d.pipe.resolution,
-                              batch.get("original_size"), batch.get("crop_top_left"), device)
+                              batch.get("original_size"), batch.get("crop_top_left"), device,
+                              batch.get("layout") if "layout" in keys else None)
     if cond and D.p_uncond:
         cond = d.pipe.conditioner.drop(cond, r["u"] < D.p_uncond)
     if L.factor:
@@ -193,10 +200,10 @@ def draw(seed: int, step: int, positions: range, shape: tuple[int, ...], schedul
 
 
 def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path, low_res: Tensor | None = None,
-                maps: Tensor | None = None) -> Path | None:
+                maps: Tensor | None = None, layouts: Tensor | None = None) -> Path | None:
     """A PNG grid from the EMA model: one row per class, or the configured prompts, or unconditional (super-
-    resolution models: of `low_res` images; map models: of `maps`). A grid that comes out NaN is a warning (the
-    loss, checked at every log line, decides whether to stop)."""
+    resolution models: of `low_res` images; map models: of `maps`; layout models: of `layouts`). A grid that
+    comes out NaN is a warning (the loss, checked at every log line, decides whether to stop)."""
     S = cfg.sample
     g = torch.Generator().manual_seed(cfg.train.seed)
     labels, prompts, rows = None, None, None
@@ -210,7 +217,7 @@ def sample_grid(cfg: TrainConfig, pipe: Pipeline, path: Path, low_res: Tensor | 
     n = len(labels) if labels is not None else len(prompts) if prompts else S.n * 4
     try:
         images = generate(pipe, n, labels=labels, prompts=prompts, sampler=S.sampler, steps=S.steps, cfg=S.cfg,
-                          low_res=low_res, semantic_map=maps, generator=g)
+                          low_res=low_res, semantic_map=maps, layout=layouts, generator=g)
     except FloatingPointError as e:
         warnings.warn(f"preview {path.name} skipped: {e}")
         return None
