@@ -6,7 +6,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,17 +67,22 @@ def from_pil(images: Sequence[Image.Image], channels: int = 3) -> Tensor:
     return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2)
 
 
-def load_image(path: str | Path, channels: int) -> Tensor:
-    """An image file as [1, channels, H, W] in [-1, 1] (greyscale, colour and 16-bit files converted)."""
+def read_image_file(path: str | Path, what: str, read: Callable[[Image.Image], Tensor]) -> Tensor:
+    """read(the image at `path`, loaded), or a ValueError naming a missing or unreadable `what` file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no image file at {path}")
+        raise ValueError(f"no {what} file at {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return from_pil([img], channels)
+            return read(img)
     except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path} is not a readable image: {e}") from e
+        raise ValueError(f"{path} is not a readable {what}: {e}") from e
+
+
+def load_image(path: str | Path, channels: int) -> Tensor:
+    """An image file as [1, channels, H, W] in [-1, 1] (greyscale, colour and 16-bit files converted)."""
+    return read_image_file(path, "image", lambda img: from_pil([img], channels))
 
 
 MAP_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
@@ -95,20 +100,14 @@ def load_map(path: str | Path, classes: int) -> Tensor:
     """A semantic map file as class indices [1, H, W] (int64): a palette ('P') or grey PNG holds the indices
     themselves; a colour image (a map painted in MAP_PALETTE's colours, antialiased or not) gives each pixel the
     class of the nearest palette colour, transparent pixels class 0."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no map file at {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("P", "L", "I", "I;16"):
-                indices = torch.from_numpy(np.asarray(img, dtype=np.int64).copy())
-            else:
-                rgba = torch.from_numpy(np.asarray(img.convert("RGBA"), dtype=np.float32).copy())
-                indices = torch.cdist(rgba[..., :3].reshape(-1, 3), map_colours(classes)).argmin(1).view(rgba.shape[:2])
-                indices = torch.where(rgba[..., 3] < 128, 0, indices)
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path} is not a readable map image: {e}") from e
+    def read(img: Image.Image) -> Tensor:
+        if img.mode in ("P", "L", "I", "I;16"):
+            return torch.from_numpy(np.asarray(img, dtype=np.int64).copy())
+        rgba = torch.from_numpy(np.asarray(img.convert("RGBA"), dtype=np.float32).copy())
+        nearest = torch.cdist(rgba[..., :3].reshape(-1, 3), map_colours(classes)).argmin(1).view(rgba.shape[:2])
+        return torch.where(rgba[..., 3] < 128, 0, nearest)
+
+    indices = read_image_file(path, "map", read)
     if int(indices.max()) >= classes:
         raise ValueError(f"map {path} holds class {int(indices.max())}; the model has {classes} classes "
                          f"(0-{classes - 1})")
