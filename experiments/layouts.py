@@ -1,6 +1,6 @@
 """How well a layout -> image model puts the requested shapes in the requested boxes.
 
-    python experiments/layouts.py --model runs/shape_layouts/model --n 1000 --cfg 1 2 4
+    python experiments/layouts.py --n 500 --cfg 1 2 4
 
 Held-out ShapeLayouts scenes (a seed training never saw): one sample per layout at each CFG scale (dpmpp_2m,
 20 steps, seed 0), segmented with the segmenter that reads the real scenes exactly (the real-image baseline).

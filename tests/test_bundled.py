@@ -65,3 +65,17 @@ def test_bundled_map_model_draws_held_out_maps_and_wider_ones():
         pred = segment_shapes(images)
         assert mean_iou(pred, maps, len(MAP_CLASSES))[0] > 0.9
         assert mean_iou(pred, maps.roll(1, 0), len(MAP_CLASSES))[0] < 0.3
+
+
+def test_bundled_layout_model_puts_the_requested_shapes_in_their_boxes():
+    """30 held-out layouts: most requested boxes hold a shape of their class, far more than another layout's."""
+    from diffusekit.data import LAYOUT_CLASSES, ShapeLayouts
+    from diffusekit.evaluation import layout_hits, segment_shapes
+
+    pipe = load_pipeline(MODELS["shape_layouts"])
+    assert pipe.layout_classes == LAYOUT_CLASSES and pipe.conditioning == "layout"
+    layouts = torch.stack([ShapeLayouts(32, 30, seed=99)[i]["layout"] for i in range(30)])
+    images = generate(pipe, 30, layout=layouts, cfg=2.0, steps=10, generator=torch.Generator().manual_seed(0))
+    hits, _ = layout_hits(segment_shapes(images), layouts)
+    chance, _ = layout_hits(segment_shapes(images), layouts.roll(1, 0))
+    assert hits.float().mean() > 0.7 and chance.float().mean() < 0.2
