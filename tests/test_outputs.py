@@ -69,7 +69,8 @@ def test_pngs_record_their_parameters(tmp_path):
                     "prompt": None, "negative": None, "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "classifier": None, "classifier_scale": 1.0,
                     "spacing": "trailing", "eta": None, "variance": None, "upsample_guidance": None, "ug_eta": 1.0,
-                    "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "strength": None,
+                    "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "map": None, "layout": None,
+                    "strength": None,
                     "text_encoder": None, "refiner": None, "refiner_start": 0.8, "dtype": AUTO, "device": "cpu",
                     "diffusekit": version()}
     assert read_parameters(tmp_path / "grid" / "001.png") == {**grid, "image": {"index": 1, "label": 5}}
