@@ -22,6 +22,7 @@ import time
 import torch
 
 from diffusekit.acceleration import accelerate
+from diffusekit.bundled import MODELS
 from diffusekit.evaluation import class_accuracy, load_mnist_classifier, sample_classes
 from diffusekit.interop.diffusers_unet import unet_state_from_diffusers
 from diffusekit.pipelines import generate, load_pipeline

@@ -220,7 +220,7 @@ class ShapeMaps(Dataset):
 
     def scene(self, i: int) -> list[tuple[str, str, float, float, float]]:
         """Sample i's shapes: (type, colour, cx, cy, r) in pixels."""
-        rng, R, k = random.Random(hash(("maps", self.seed, i))), self.resolution, self.tiles
+        rng, R, k = random.Random(f"maps {self.seed} {i}"), self.resolution, self.tiles
         canvas = R / k
         shapes: list[tuple[str, str, float, float, float]] = []
         for _ in range(sum(rng.randint(1, 3) for _ in range(k * k))):
@@ -268,6 +268,33 @@ class ShapeLayouts(ShapeMaps):
         return {"image": super().__getitem__(i)["image"], "layout": self.layout(i)}
 
 
+PLACES = ("at the top left", "at the top", "at the top right", "on the left", "in the centre", "on the right",
+          "at the bottom left", "at the bottom", "at the bottom right")  # a 3 x 3 grid's cells, row by row
+
+
+def place(x: float, y: float) -> int:
+    """The index in PLACES of the cell holding the point (x, y) (fractions of the image, from the top left)."""
+    return 3 * min(int(y * 3), 2) + min(int(x * 3), 2)
+
+
+class ShapeCaptions(ShapeLayouts):
+    """ShapeLayouts scenes with a caption in place of the layout, as close to it as words go: each shape's size
+    ("small" or "large": half-size below or above the middle of the drawn range), colour, type and the cell
+    of a 3 x 3 grid holding its centre, e.g. "a small red circle at the top left and a large blue square in the
+    centre". The text model of these is the layout model's baseline (docs/layouts.md); `layout` stays in each
+    sample for scoring."""
+
+    def caption(self, i: int) -> str:
+        """Sample i's caption (the places of its layout's box centres)."""
+        middle = 3 * self.resolution / (16 * self.tiles)
+        words = [f"a {'small' if r < middle else 'large'} {colour} {shape} {PLACES[place((x0 + x1) / 2, (y0 + y1) / 2)]}"
+                 for (shape, colour, _, _, r), (_, x0, y0, x1, y1) in zip(self.scene(i), self.layout(i).tolist())]
+        return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**super().__getitem__(i), "caption": self.caption(i)}
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in samples[0]:
@@ -282,6 +309,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {  # a data config's `dataset` -> 
     "shapes": lambda d, seed: Shapes(d.resolution, d.size, seed),
     "shape_maps": lambda d, seed: ShapeMaps(d.resolution, d.size, seed),
     "shape_layouts": lambda d, seed: ShapeLayouts(d.resolution, d.size, seed),
+    "shape_captions": lambda d, seed: ShapeCaptions(d.resolution, d.size, seed),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .bundled import MNIST_CLASSIFIER
 from .checkpoints import CheckpointError, from_pretrained, read_state_dict, save_pretrained
-from .data import BACKGROUND, COLOURS, MNIST, ImageFolder, collate
+from .data import BACKGROUND, COLOURS, MNIST, ImageFolder, collate, place
 from .models.classifier import MNISTClassifier, MNISTClassifierConfig
 from .pipelines import generate
 
@@ -346,16 +346,33 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area - inter).clamp(min=1e-12)
 
 
-def layout_hits(maps: Tensor, layouts: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+class LayoutHits(NamedTuple):
+    """Per requested box (bool): a shape of its class placed right (`box`), one of its colour placed right
+    (`colour`), one of its class centred in the cell of a 3 x 3 grid that holds the box's centre (`place`: what a
+    caption can say, data.ShapeCaptions)."""
+
+    box: Tensor
+    colour: Tensor
+    place: Tensor
+
+
+def layout_hits(maps: Tensor, layouts: Tensor, threshold: float = 0.5, margin: float = 1 / 16) -> LayoutHits:
     """For each requested box of `layouts` [N, B, 5] (class index into data.LAYOUT_CLASSES; -1 none) in segmented
     samples `maps` [N, H, W] (`segment_shapes`): whether a shape of its class (shape type and colour), and whether
-    one of its colour, has a bounding box of IoU >= threshold with it. Two bool tensors over the requested boxes."""
-    hits, colour_hits = [], []
+    one of its colour, has a bounding box of IoU >= threshold with it, and whether a shape of its class has its
+    box centre in the grid cell of the requested box's centre, the cell widened by `margin` (a fraction of the
+    image) on each side: a drawn shape's box centre lies up to a pixel from its layout box's (triangles, edges)."""
+    hits: list[list[bool]] = [[], [], []]
     for found, layout in zip(shape_boxes(maps), layouts):
+        centres = (found[:, 1:3] + found[:, 3:]) / 2
         for cls, *box in layout[layout[:, 0] >= 0].tolist():
             iou = box_iou(found[:, 1:], torch.tensor(box))
             same = found[:, 0] == cls + 1  # map classes count the background first
             colour = colour_classes(found[:, 0].long()) == colour_classes(torch.tensor(int(cls) + 1))
-            hits.append(bool((iou[same] >= threshold).any()))
-            colour_hits.append(bool((iou[colour] >= threshold).any()))
-    return torch.tensor(hits), torch.tensor(colour_hits)
+            row, col = divmod(place((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), 3)
+            cell = torch.tensor([col / 3 - margin, row / 3 - margin, (col + 1) / 3 + margin, (row + 1) / 3 + margin])
+            placed = ((centres >= cell[:2]) & (centres < cell[2:])).all(-1)
+            hits[0].append(bool((iou[same] >= threshold).any()))
+            hits[1].append(bool((iou[colour] >= threshold).any()))
+            hits[2].append(bool((placed & same).any()))
+    return LayoutHits(*map(torch.tensor, hits))

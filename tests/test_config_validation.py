@@ -41,7 +41,7 @@ BAD = [  # (override, regex the error must match)
     ("diffusion.beta_range=[0.1, 2.0]", r"'diffusion.beta_range' must be 2 floats in \[0, 1\]"),
     ("diffusion.spacing=middle", r"'diffusion.spacing' must be one of"),
     ("diffusion.timesteps=0", r"'diffusion.timesteps' must be >= 1"),
-    ("data.dataset=bogus", r"'data.dataset' must be one of \['folder', 'mnist', 'shape_layouts', 'shape_maps', 'shapes'\], got 'bogus'"),
+    ("data.dataset=bogus", r"'data.dataset' must be one of \['folder', 'mnist', 'shape_captions', 'shape_layouts', 'shape_maps', 'shapes'\], got 'bogus'"),
     ("data.channels=2", r"'data.channels' must be one of \[1, 3\]"),
     ("data.resolution=0", r"'data.resolution' must be >= 1"),
     ("model.type=bogus", r"'model.type' must be one of .*'unet'"),

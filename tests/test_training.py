@@ -70,7 +70,7 @@ def autoencoders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", ["mnist_unet.toml", "mnist_dit.toml", "mnist_ldm.toml", "shapes_ldm.toml",
-                                    "shape_maps.toml", "shape_layouts.toml"])
+                                    "shape_maps.toml", "shape_layouts.toml", "shape_captions.toml"])
 def test_preset_trains_and_samples(preset, autoencoders, tmp_path):
     extra = ["train.steps=3", "train.sample_every=3"]
     if "ldm" in preset:

@@ -55,14 +55,14 @@ class DiffusionSection(DiffusionSettings):
 
 @dataclass
 class DataSection:
-    dataset: str = "mnist"  # mnist, folder, shapes, shape_maps, shape_layouts
+    dataset: str = "mnist"  # a name in data.DATASETS: mnist, folder, shapes, shape_maps, shape_layouts, shape_captions
     path: str = ""  # image folder
     resolution: int = 28
     pad: int = 0  # mnist: background pixels added around each digit before resizing
     channels: int = 1
     random_flip: bool = False
     random_crop: bool = False
-    size: int = 10_000  # shapes, shape_maps, shape_layouts: number of distinct images
+    size: int = 10_000  # procedural datasets (shapes, shape_*): number of distinct images
     holdout: int = 0  # mnist: keep the last N digits out of training
     num_workers: int = 0
 

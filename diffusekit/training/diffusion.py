@@ -112,7 +112,8 @@ def step_diffusion(d: Diffusion, data: Iterator[dict[str, Any]], index: int) -> 
     for micro in range(T.grad_accum):
         batch = d.procs.shard(next(data))
         x0, r = noised_inputs(d, batch, index, micro)
-        cond = training_conditions(d, batch, x0, r)
+        with d.autocast:  # a frozen text encoder runs in the autocast dtype too (4x faster in bf16 on the CPU)
+            cond = training_conditions(d, batch, x0, r)
         last = micro == T.grad_accum - 1 or d.procs.world == 1
         with (contextlib.nullcontext() if last else d.model.no_sync()), d.autocast:
             loss = d.denoiser.loss(x0, r["t"].to(x0.device), r["eps"].to(x0.device), cond,
