@@ -14,6 +14,7 @@ MODELS = {  # bundled name -> model folder
     "mnist_sr": ASSETS / "mnist_sr",  # super-resolution 14x14 -> 28x28
     "shape_maps": ASSETS / "shape_maps",  # shape scenes from semantic maps, 32x32 (convolutional beyond)
     "shape_layouts": ASSETS / "shape_layouts",  # shape scenes from layouts of boxes, 32x32
+    "shape_captions": ASSETS / "shape_captions",  # the same scenes from captions (the layouts' text baseline)
 }
 MNIST_DIGITS = ASSETS / "mnist10k.npz"  # 10,000 MNIST digits (MIT): images uint8 [N, 28, 28], labels
 MNIST_CLASSIFIER = ASSETS / "mnist_classifier"  # the feature classifier of `diffusekit eval`
