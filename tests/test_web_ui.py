@@ -246,3 +246,26 @@ def test_a_painted_semantic_map_reaches_the_model_as_its_classes(driver, tmp_pat
         assert (sent[11:21, 11:21] == MAP_CLASSES.index("red square")).all()
         assert not sent[:9].any() and not sent[23:].any() and not sent[:, :9].any() and not sent[:, 23:].any()
         assert js_errors(page) == []
+
+
+def test_a_typed_layout_reaches_the_model_and_a_bad_one_is_named(driver, tmp_path):
+    from diffusekit.data import LAYOUT_CLASSES
+    from diffusekit.pipelines import save_pipeline
+    from tests.test_layouts import layout_pipeline
+
+    folder = save_pipeline(layout_pipeline(), tmp_path / "layout_model")
+    with live_server(models=(str(folder),), outdir=tmp_path / "serve") as url:
+        page = load(driver, url)
+        assert page.find_element(By.ID, "layout-box").is_displayed()
+        assert not page.find_element(By.ID, "map-box").is_displayed()
+        assert all(name in page.find_element(By.ID, "layout-hint").text for name in LAYOUT_CLASSES)
+        fill(page, layout="pink star 0 0 1 1", steps=2, n=1)
+        page.find_element(By.ID, "generate").click()
+        error = WebDriverWait(page, 20).until(lambda d: d.find_element(By.ID, "error").is_displayed() and
+                                              d.find_element(By.ID, "error").text)
+        assert "unknown layout class" in error and "pink star" in error
+        layout = "red circle 0.1 0.1 0.4 0.4; blue square 0.5 0.6 0.9 1"
+        fill(page, layout=layout)
+        job = generate(page, url)
+        assert job["status"] == "done" and job["parameters"]["layout"] == layout
+        assert js_errors(page) == []
