@@ -1,6 +1,7 @@
 """End-to-end tests of the web UI (diffusekit/web/index.html) in headless Chromium driven by Selenium, against
 a live `diffusekit serve` app with the bundled MNIST model; results are checked through the JSON API."""
 
+import contextlib
 import io
 import json
 import shutil
@@ -219,15 +220,21 @@ def test_cancel_a_running_job(page, server):
     assert js_errors(page) == []
 
 
+@contextlib.contextmanager
+def serving(driver, pipe, tmp_path):
+    """The page of a live server of `pipe` alone (saved to a model folder), and its URL."""
+    from diffusekit.pipelines import save_pipeline
+
+    with live_server(models=(str(save_pipeline(pipe, tmp_path / "model")),), outdir=tmp_path / "serve") as url:
+        yield load(driver, url), url
+
+
 def test_a_painted_semantic_map_reaches_the_model_as_its_classes(driver, tmp_path):
     from diffusekit.data import MAP_CLASSES
     from diffusekit.images import load_map
-    from diffusekit.pipelines import save_pipeline
     from tests.test_semantic_maps import map_pipeline
 
-    folder = save_pipeline(map_pipeline(), tmp_path / "maps_model")
-    with live_server(models=(str(folder),), outdir=tmp_path / "serve") as url:
-        page = load(driver, url)
+    with serving(driver, map_pipeline(), tmp_path) as (page, url):
         assert page.find_element(By.ID, "map-box").is_displayed()
         assert not page.find_element(By.ID, "label-row").is_displayed()
         buttons = page.find_elements(By.CSS_SELECTOR, "#map-classes button")
@@ -250,12 +257,9 @@ def test_a_painted_semantic_map_reaches_the_model_as_its_classes(driver, tmp_pat
 
 def test_a_typed_layout_reaches_the_model_and_a_bad_one_is_named(driver, tmp_path):
     from diffusekit.data import LAYOUT_CLASSES
-    from diffusekit.pipelines import save_pipeline
     from tests.test_layouts import layout_pipeline
 
-    folder = save_pipeline(layout_pipeline(), tmp_path / "layout_model")
-    with live_server(models=(str(folder),), outdir=tmp_path / "serve") as url:
-        page = load(driver, url)
+    with serving(driver, layout_pipeline(), tmp_path) as (page, url):
         assert page.find_element(By.ID, "layout-box").is_displayed()
         assert not page.find_element(By.ID, "map-box").is_displayed()
         assert all(name in page.find_element(By.ID, "layout-hint").text for name in LAYOUT_CLASSES)
