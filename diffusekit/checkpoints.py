@@ -18,10 +18,11 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .models import build, model_config
+from .tensorfiles import first_non_finite, read_safetensors
 from .validation import ConfigError, type_problem
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -46,9 +47,8 @@ def check_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "ch
         problems = [f"{name} ({len(items)}): {show(items)}" for name, items in
                     [("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)] if items]
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
-    for key, v in state.items():
-        if v.is_floating_point() and not v.is_meta and not v.isfinite().all():
-            raise CheckpointError(f"{source} is corrupt: tensor {key!r} holds NaN or inf values")
+    if (key := first_non_finite(state)) is not None:
+        raise CheckpointError(f"{source} is corrupt: tensor {key!r} holds NaN or inf values")
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> nn.Module:
@@ -58,22 +58,27 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "c
     return model
 
 
-def read_state_dict(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
-    """Tensors of a .safetensors file, or of a .ckpt / .pt / .bin file given explicitly (weights_only)."""
+def read_state_dict(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file, or of a .ckpt / .pt / .bin file given explicitly (weights_only), with the
+    floating ones converted to `dtype` one by one as they are read (a bf16 load of fp32 weights never holds a
+    full fp32 copy: safetensors are read in pieces, torch files memory-mapped)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
+
     if path.suffix == ".safetensors":
         try:
-            return load_file(path, device=device)
+            return read_safetensors(path, device, dtype)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
-            state = torch.load(path, map_location=device, weights_only=True)
+            state = torch.load(path, map_location=device, weights_only=True, mmap=True)
         except Exception as e:  # torch raises several types for corrupt or unsafe pickles
             raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint: {e}") from e
-        return state.get("state_dict", state)
+        state = state.get("state_dict", state)
+        return {k: v.to(dtype) if dtype is not None and isinstance(v, Tensor) and v.is_floating_point() else v
+                for k, v in state.items()}
     raise CheckpointError(f"unsupported checkpoint format {path.suffix!r} ({path}); use .safetensors")
 
 
@@ -168,5 +173,5 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise CheckpointError(str(e)) from e
     model = build(meta["model_type"], config, device="meta")
     weights = Path(path) / WEIGHTS_NAME
-    model = load_weights(model, read_state_dict(weights, device=str(device)), source=str(weights))
+    model = load_weights(model, read_state_dict(weights, str(device), dtype), source=str(weights))
     return (model.to(dtype) if dtype else model).eval()

@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models import build
+from .models.clip import CLIPTextConfig, CLIPTextTransformer
+from .tensorfiles import first_non_finite, read_safetensors
+
 
 T5_LENGTH = 256  # SD3's T5 tokens (diffusers' max_sequence_length)
 
@@ -45,27 +49,26 @@ class TextEncoder(nn.Module):
 
     zero_null = False  # the null condition is the empty prompt's encoding (see SDXLTextEncoder)
 
-    def __init__(self, path: str | Path, max_length: int = 77, layer: int = -1, tokenizer: str | Path | None = None):
+    def __init__(self, path: str | Path, max_length: int = 77, layer: int = -1, tokenizer: str | Path | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import (AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection,
-                                  CLIPTokenizer, T5EncoderModel)
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a local text-encoder folder (no config.json)")
-        config = AutoConfig.from_pretrained(path)
-        self.is_clip = config.model_type in ("clip_text_model", "clip")
-        self.projected = "CLIPTextModelWithProjection" in (config.architectures or ())
-        self.masked = not self.is_clip and config.model_type != "t5"
+        config = json.loads((path / "config.json").read_text())
+        self.is_clip = config.get("model_type") == "clip_text_model"
+        self.projected = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+        self.masked = not self.is_clip and config.get("model_type") != "t5"
         # a Stable Diffusion folder keeps the tokenizer beside the text encoder
         tok_dir = Path(tokenizer or (path if (path / "tokenizer_config.json").is_file() else path.parent / "tokenizer"))
-        if self.is_clip:
-            model = (CLIPTextModelWithProjection if self.projected else CLIPTextModel).from_pretrained(path)
-            self.tokenizer, self.model = CLIPTokenizer.from_pretrained(tok_dir), model
+        if self.is_clip:  # our own CLIP: no transformers import (seconds) on the Stable Diffusion path
+            self.tokenizer, self.model = CLIPTokenizer(tok_dir), load_clip_text(path, config, dtype)
         else:
-            model = (T5EncoderModel if config.model_type == "t5" else AutoModel).from_pretrained(path)
-            self.tokenizer, self.model = AutoTokenizer.from_pretrained(tok_dir), model
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+
+            model = (T5EncoderModel if config.get("model_type") == "t5" else AutoModel).from_pretrained(path)
+            self.tokenizer, self.model = AutoTokenizer.from_pretrained(tok_dir), model.to(dtype)
         self.model.requires_grad_(False).eval()
         self.max_length, self.layer = max_length, layer
 
@@ -85,13 +88,90 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         ids, mask = self.tokenize(list(prompts))
+        if self.is_clip:
+            tokens, pooled = self.model(ids, self.layer)
+            return tokens.float(), pooled.float()
         out = self.model(input_ids=ids, attention_mask=mask if self.masked else None,
                          output_hidden_states=self.layer != -1)
         tokens = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
-        if self.is_clip:
-            return tokens.float(), (out.text_embeds if self.projected else out.pooler_output).float()
         mask = mask[..., None].to(tokens.dtype)
         return tokens.float(), ((tokens * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE (lower-cased, whitespace-collapsed, CLIP's word split, '</w>' word ends), built with
+    the `tokenizers` library from a tokenizer folder's vocab.json + merges.txt (or its tokenizer.json), called as
+    transformers' tokenizers are: (prompts, padding="max_length", max_length, truncation) -> input_ids and
+    attention_mask; truncation keeps the end token, padding uses the folder's pad token (SD 2.x: "!")."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        folder = Path(folder)
+        special = {"bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>"}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                cfg = json.loads((folder / name).read_text())
+                for k in special:
+                    value = cfg.get(f"{k}_token") or special[k]
+                    special[k] = value["content"] if isinstance(value, dict) else value
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text())
+            lines = (folder / "merges.txt").read_text().splitlines()
+            merges = [tuple(m.split()) for m in lines if m and not m.startswith("#version")]
+            self.bpe = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                                     fuse_unk=False, unk_token=special["eos"]))
+            self.bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                        normalizers.Lowercase()])
+            self.bpe.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+                                           r"""[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            self.bpe.decoder = decoders.ByteLevel()
+        elif (folder / "tokenizer.json").is_file():
+            self.bpe = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        else:
+            raise ValueError(f"{folder} is not a CLIP tokenizer folder (no vocab.json + merges.txt or tokenizer.json)")
+        self.bpe.post_processor = None
+        self.bpe.no_padding()
+        self.bpe.no_truncation()
+        ids = {k: self.bpe.token_to_id(v) for k, v in special.items()}
+        if None in ids.values():
+            raise ValueError(f"{folder}: the tokenizer's vocabulary lacks a special token of {special}")
+        self.bos, self.eos, self.pad = ids["bos"], ids["eos"], ids["pad"]
+
+    def __call__(self, prompts: list[str], padding: str | None = None, max_length: int | None = None,
+                 truncation: bool = False, return_tensors: str | None = None, verbose: bool = True) -> dict:
+        ids = [[self.bos, *e.ids, self.eos] for e in self.bpe.encode_batch(prompts, add_special_tokens=False)]
+        if truncation and max_length:
+            ids = [s if len(s) <= max_length else s[: max_length - 1] + [self.eos] for s in ids]
+        mask = [[1] * len(s) for s in ids]
+        if padding == "max_length" and max_length:
+            mask = [m + [0] * (max_length - len(m)) for m in mask]
+            ids = [s + [self.pad] * (max_length - len(s)) for s in ids]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def load_clip_text(folder: Path, config: dict, dtype: torch.dtype | None = None) -> CLIPTextTransformer:
+    """Our CLIPTextTransformer from a transformers CLIPTextModel(WithProjection) folder's model.safetensors (keys
+    with or without the 'text_model.' prefix), built on the meta device and assigned the file's tensors, read one
+    by one into `dtype`."""
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"{folder} has no model.safetensors (CLIP text encoders load from safetensors)")
+    state = {k.removeprefix("text_model."): v for k, v in read_safetensors(file, dtype=dtype).items()
+             if not k.endswith("position_ids")}
+    model = build("clip_text", CLIPTextConfig.from_hf(config), device="meta")
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{file} does not fit a CLIP text encoder of its config.json: {e}") from e
+    if (bad := first_non_finite(state)) is not None:
+        raise ValueError(f"{file} is corrupt: tensor {bad!r} holds NaN or inf values")
+    return model
 
 
 class PromptEncoder(Protocol):
@@ -158,13 +238,14 @@ def load_text_stack(folder: str | Path) -> SDXLTextEncoder | SD3TextEncoder:
     raise ValueError(f"{folder} holds a {kind or 'pipeline'}: text-encoder stacks exist for SDXL and SD3 only")
 
 
-def load_text_encoder(name: str, max_length: int = 77, device: str | torch.device = "cpu") -> nn.Module:
+def load_text_encoder(name: str, max_length: int = 77, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> nn.Module:
     """'minilm' (bundled), a local text-encoder folder, or a diffusers SDXL / SD3 pipeline folder (its stack of
-    text encoders, whose own token lengths apply)."""
+    text encoders, whose own token lengths apply), computing in `dtype` (None: as stored)."""
     path = minilm_path() if name == "minilm" else Path(name)
     if (path / "model_index.json").is_file():
-        return load_text_stack(path).to(device)
-    return TextEncoder(path, max_length).to(device)
+        return load_text_stack(path).to(device, dtype)
+    return TextEncoder(path, max_length, dtype=dtype).to(device)
 
 
 def micro_conditioning(original_size: Tensor, crop_top_left: Tensor, target_size: Sequence[int]) -> Tensor:

@@ -24,6 +24,8 @@ TINY = {  # a few-parameter config per registered model type
                            latent_channels=2, groups=4, num_embeddings=16, embed_dim=2),
     "mnist_classifier": dict(width=4, feature_dim=8),
     "noisy_classifier": dict(width=8, num_classes=3, emb_dim=8),
+    "clip_text": dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=12, projection_dim=8),
 }
 
 

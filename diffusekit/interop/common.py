@@ -135,14 +135,16 @@ def with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{suffix}" if variant else name
 
 
-def read_diffusers_weights(folder: Path, device: str, variant: str | None = None) -> dict[str, Tensor]:
-    """diffusion_pytorch_model[.variant].safetensors of a diffusers model folder, or all shards of its index."""
+def read_diffusers_weights(folder: Path, device: str, variant: str | None = None,
+                           dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """diffusion_pytorch_model[.variant].safetensors of a diffusers model folder, or all shards of its index, read
+    lazily into `dtype`."""
     index = folder / with_variant("diffusion_pytorch_model.safetensors.index.json", variant)
     if not index.is_file():
-        return read_state_dict(folder / with_variant("diffusion_pytorch_model.safetensors", variant), device)
+        return read_state_dict(folder / with_variant("diffusion_pytorch_model.safetensors", variant), device, dtype)
     state: dict[str, Tensor] = {}
     for shard in sorted(set(read_json(index, "sharded checkpoint")["weight_map"].values())):
-        state.update(read_state_dict(folder / shard, device))
+        state.update(read_state_dict(folder / shard, device, dtype))
     return state
 
 
@@ -168,5 +170,5 @@ class DiffusersModel:
         if cfg.get("_class_name", self.class_names[0]) not in self.class_names:
             raise CheckpointError(f"{folder} holds a {cfg['_class_name']}, not a {' or '.join(self.class_names)}")
         config = self.config_from(cfg)
-        state = self.state_from(read_diffusers_weights(folder, device, variant), config)
+        state = self.state_from(read_diffusers_weights(folder, device, variant, dtype), config)
         return assign(self.model_type, config, state, str(folder), dtype)

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..validation import ConfigError, did_you_mean, type_problem
 from .autoencoder import AutoencoderKL, VQAutoencoder
+from .clip import CLIPTextTransformer
 from .classifier import MNISTClassifier, NoisyClassifier
 from .dit import DiT
 from .mmdit import MMDiT
@@ -20,7 +21,7 @@ from .unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {cls.model_type: cls for cls in
                                       (UNet, DiT, MMDiT, AutoencoderKL, VQAutoencoder, MNISTClassifier,
-                                                   NoisyClassifier)}
+                                                   NoisyClassifier, CLIPTextTransformer)}
 
 
 def model_config(model_type: str, config: Mapping[str, Any] | Any, source: str = "") -> Any:

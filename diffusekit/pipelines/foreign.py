@@ -25,8 +25,7 @@ from .pipeline import Pipeline
 def text_encoders(name: str | Path, device: str, dtype: torch.dtype | None) -> nn.Module:
     """A Stable Diffusion 1.x / 2.x text encoder folder (tokenizer beside it: last hidden layer, 77 tokens), or a
     diffusers SDXL / SD3 pipeline folder (its stack of text encoders)."""
-    encoder = load_text_encoder(str(name), device=device)
-    return encoder.to(dtype) if dtype else encoder
+    return load_text_encoder(str(name), device=device, dtype=dtype)
 
 
 def _component(folder: Path, name: str, class_name: str, table: Mapping[str, DiffusersModel], device: str,
@@ -81,7 +80,7 @@ def load_sd_single_file(path: str | Path, device: str = "cpu", dtype: torch.dtyp
     The file's CLIP text encoder (cond_stage_model.*) is not converted: pass `text_encoder`, a local transformers
     folder (e.g. an SD 1.x pipeline's text_encoder/ with tokenizer/ beside it), or supply `context` yourself."""
     unet_config, vae_config = unet_config or sd15_unet_config(), vae_config or sd_vae_config()
-    sd = read_state_dict(path, device=device)
+    sd = read_state_dict(path, device, dtype)
     net = assign("unet", unet_config, unet_state_from_ldm(sd, unet_config), str(path), dtype).eval()
     ae = assign("autoencoder_kl", vae_config, vae_state_from_ldm(sd, vae_config), str(path), dtype).eval()
     encoder = text_encoders(text_encoder, device, dtype) if text_encoder else None

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..checkpoints import CheckpointError, check_state, recover_dir, staging_dir
+from ..tensorfiles import first_non_finite
 
 try:
     import fcntl
@@ -73,7 +74,7 @@ def save_checkpoint(root: Path, progress: Progress, modules: dict[str, nn.Module
     """Write root/step_XXXXXXX atomically (named modules and optimizers, RNG states, progress) and prune
     all but the newest `keep`. Non-finite weights raise FloatingPointError and leave the folder as it was."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
-    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    bad = first_non_finite(tensors)
     if bad is not None:
         raise FloatingPointError(f"weights are not finite at step {progress.step} ({bad}); not saved. Last finite "
                                  f"checkpoint: {latest_checkpoint(root)}")

@@ -1,0 +1,53 @@
+"""Peak memory of loading an SD-1.5-shaped pipeline folder in bf16 / fp32, and of a VAE decode at 1024x1024
+(issue 24.4). Each measurement runs in a fresh subprocess (ru_maxrss is a high-water mark), beside the bytes of
+the loaded weights and the process's baseline after `import torch, diffusekit`.
+
+    python benchmarks/sd15_folder.py /tmp/sd15
+    python benchmarks/sd_memory.py /tmp/sd15 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time, torch
+import diffusekit.pipelines as P
+torch.set_num_threads(int(sys.argv[3]))
+def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+base, what = rss(), sys.argv[2]
+t = time.perf_counter()
+if what == "decode":
+    pipe = P.load_pipeline(sys.argv[1], dtype=torch.float32)
+    loaded = rss()
+    with torch.inference_mode():
+        image = pipe.decode(torch.randn(1, 4, 128, 128))
+    out = dict(image=list(image.shape), after_load_gb=loaded)
+else:
+    pipe = P.load_pipeline(sys.argv[1], dtype=getattr(torch, what))
+    mods = [pipe.net, pipe.autoencoder, pipe.text_encoder]
+    out = dict(weights_gb=sum(p.numel() * p.element_size() for m in mods for p in m.parameters()) / 2**30)
+print(json.dumps(dict(out, what=what, baseline_gb=base, peak_gb=rss(), seconds=time.perf_counter() - t)))
+"""
+
+
+def measure(folder: str, what: str, threads: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, folder, what, str(threads)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=["bfloat16", "float32", "decode"])
+    a = ap.parse_args()
+    for what in a.only:
+        r = measure(a.folder, what, a.threads)
+        if "weights_gb" in r:
+            r["peak_over_weights"] = (r["peak_gb"] - r["baseline_gb"]) / r["weights_gb"]
+        print(json.dumps(r), flush=True)
