@@ -47,7 +47,7 @@ def best_time(fn, device: torch.device, reps: int = 1) -> float:
     return min(times)
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096) -> float:
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     return 2 * n**3 / best_time(lambda: a @ b, device, 5)
 
