@@ -65,7 +65,6 @@ def read_state_dict(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
-
     if path.suffix == ".safetensors":
         try:
             return read_safetensors(path, device, dtype)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .models import build
 from .models.clip import CLIPTextConfig, CLIPTextTransformer
-from .tensorfiles import first_non_finite, read_safetensors
+from .checkpoints import load_weights, read_state_dict
 
 
 T5_LENGTH = 256  # SD3's T5 tokens (diffusers' max_sequence_length)
@@ -158,21 +158,12 @@ class CLIPTokenizer:
 
 def load_clip_text(folder: Path, config: dict, dtype: torch.dtype | None = None) -> CLIPTextTransformer:
     """Our CLIPTextTransformer from a transformers CLIPTextModel(WithProjection) folder's model.safetensors (keys
-    with or without the 'text_model.' prefix), built on the meta device and assigned the file's tensors, read one
-    by one into `dtype`."""
+    with or without the 'text_model.' prefix), built on the meta device and assigned the file's tensors, read
+    piece by piece into `dtype` and checked as every checkpoint is (`load_weights`)."""
     file = folder / "model.safetensors"
-    if not file.is_file():
-        raise ValueError(f"{folder} has no model.safetensors (CLIP text encoders load from safetensors)")
-    state = {k.removeprefix("text_model."): v for k, v in read_safetensors(file, dtype=dtype).items()
+    state = {k.removeprefix("text_model."): v for k, v in read_state_dict(file, dtype=dtype).items()
              if not k.endswith("position_ids")}
-    model = build("clip_text", CLIPTextConfig.from_hf(config), device="meta")
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{file} does not fit a CLIP text encoder of its config.json: {e}") from e
-    if (bad := first_non_finite(state)) is not None:
-        raise ValueError(f"{file} is corrupt: tensor {bad!r} holds NaN or inf values")
-    return model
+    return load_weights(build("clip_text", CLIPTextConfig.from_hf(config), device="meta"), state, str(file))
 
 
 class PromptEncoder(Protocol):

@@ -21,7 +21,8 @@ def read_safetensors(path: str | Path, device: str = "cpu", dtype: torch.dtype |
     process's memory beside the cast copies (a bf16 load of SD-1.5's fp32 UNet: 2.0 GB peak, not 5.0)."""
     with safe_open(path, framework="pt", device=device) as f:
         keys = list(f.keys())
-        sizes = [math.prod(f.get_slice(k).get_shape()) * ITEM_BYTES.get(f.get_slice(k).get_dtype(), 1) for k in keys]
+        slices = [f.get_slice(k) for k in keys]
+        sizes = [math.prod(s.get_shape()) * ITEM_BYTES.get(s.get_dtype(), 1) for s in slices]
     pieces, start, total = [], 0, 0
     for i, size in enumerate(sizes):
         if i > start and total + size > PIECE_BYTES:

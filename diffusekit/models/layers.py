@@ -37,11 +37,12 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """Multi-head attention on [B, L, H*D] projections -> [B, L, H*D]."""
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool = False) -> Tensor:
+    """Multi-head attention on [B, L, H*D] projections -> [B, L, H*D] (`causal`: each token sees only those
+    before it, as in CLIP's text transformer)."""
     B, L, _ = q.shape
     q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, v))  # (B, H, L, D)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, L, -1)
 
 
 class Attention(nn.Module):
