@@ -1,9 +1,10 @@
 """Peak memory of loading an SD-1.5-shaped pipeline folder in bf16 / fp32, and of a VAE decode at 1024x1024
-(issue 24.4). Each measurement runs in a fresh subprocess (ru_maxrss is a high-water mark), beside the bytes of
-the loaded weights and the process's baseline after `import torch, diffusekit`.
+(issue 24.4), tiled where needed (`decode`, the pipeline's default) and whole (`decode_whole`). Each
+measurement runs in a fresh subprocess (ru_maxrss is a high-water mark), beside the bytes of the loaded weights
+and the process's baseline after `import torch, diffusekit`.
 
     python benchmarks/sd15_folder.py /tmp/sd15
-    python benchmarks/sd_memory.py /tmp/sd15 --threads 2
+    python benchmarks/sd_memory.py /tmp/sd15 --threads 2 --only bfloat16 float32 decode decode_whole
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ torch.set_num_threads(int(sys.argv[3]))
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 base, what = rss(), sys.argv[2]
 t = time.perf_counter()
-if what == "decode":
+if what.startswith("decode"):  # decode: as the pipeline does (tiled where needed), decode_whole: untiled
     pipe = P.load_pipeline(sys.argv[1], dtype=torch.float32)
-    loaded = rss()
+    loaded, z = rss(), torch.randn(1, 4, 128, 128)
     with torch.inference_mode():
-        image = pipe.decode(torch.randn(1, 4, 128, 128))
-    out = dict(image=list(image.shape), after_load_gb=loaded)
+        image = pipe.decode(z, 0 if what == "decode_whole" else None)
+    out = dict(image=list(image.shape), after_load_gb=loaded, latent_tile=pipe.decode_tile(z) if what == "decode" else None)
 else:
     pipe = P.load_pipeline(sys.argv[1], dtype=getattr(torch, what))
     mods = [pipe.net, pipe.autoencoder, pipe.text_encoder]
@@ -44,7 +45,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="*", default=["bfloat16", "float32", "decode"])
+    ap.add_argument("--only", nargs="*", default=["bfloat16", "float32", "decode", "decode_whole"])
     a = ap.parse_args()
     for what in a.only:
         r = measure(a.folder, what, a.threads)

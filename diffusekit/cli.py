@@ -240,6 +240,17 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                         "s x the training size; -1 is off")
     p.add_argument("--ug-eta", type=field("ug_eta", float), default=defaults.UG_ETA,
                    help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
+    p.add_argument("--cfg-until", type=field("cfg_until", float), default=defaults.CFG_UNTIL, metavar="F",
+                   help="classifier-free guidance over the first fraction F of the steps only, the rest at half "
+                        "the batch (faster, not exact: docs/fewer_evaluations.md); 1 guides all")
+    p.add_argument("--cache", type=field("cache", int), default=defaults.CACHE, metavar="N",
+                   help="DeepCache: recompute the UNet's deep features every N steps, reusing them in between "
+                        "(faster, not exact: docs/fewer_evaluations.md); 1 is off")
+    p.add_argument("--cache-depth", type=field("cache_depth", int), default=defaults.CACHE_DEPTH, metavar="D",
+                   help="with --cache: the UNet's blocks above its D-th skip connection run every step")
+    p.add_argument("--vae-tile", type=field("vae_tile", int), metavar="PX",
+                   help="latent models: decode in overlapping PX x PX tiles (bounded memory, not exact); 0 decodes "
+                        f"whole; if not given, whole up to {defaults.DECODE_MEMORY / 2**30:g} GiB of activations")
     p.add_argument("--scale", type=field("scale", int), default=defaults.GRID_SCALE,
                    help="pixel magnification in the grid")
     device_options(p)

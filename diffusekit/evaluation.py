@@ -20,6 +20,7 @@ from . import defaults
 from .bundled import MNIST_CLASSIFIER
 from .checkpoints import CheckpointError, from_pretrained, read_state_dict, save_pretrained
 from .data import BACKGROUND, COLOURS, MNIST, ImageFolder, collate, place
+from .images import save_grid
 from .models.classifier import MNISTClassifier, MNISTClassifierConfig
 from .pipelines import generate
 
@@ -226,6 +227,13 @@ def sample_classes(pipe, per_class: int, batch: int = 200, seed: int = 0, progre
     return torch.cat(images), labels
 
 
+def save_class_grid(images: Tensor, per_class: int, path: str | Path, columns: int = 8) -> Path:
+    """The first `columns` of sample_classes' images of every class as a grid PNG, one labelled row per class."""
+    k, classes = min(columns, per_class), len(images) // per_class
+    return save_grid(images.view(classes, per_class, *images.shape[1:])[:, :k].flatten(0, 1), path, nrow=k,
+                     row_labels=[str(c) for c in range(classes)], scale=2)
+
+
 def evaluate_samples(images: Tensor, real: Tensor, labels: Tensor | None = None,
                      classifier: MNISTClassifier | None = None, features: Features | None = None) -> dict[str, float]:
     """Distribution metrics of `images` against `real` in a feature space (the MNIST classifier's by
@@ -318,6 +326,35 @@ def bootstrap(f: Callable[[Tensor], float], n: int, rounds: int = 200, seed: int
     g = torch.Generator().manual_seed(seed)
     values = torch.tensor([f(torch.randint(0, n, (n,), generator=g)) for _ in range(rounds)])
     return values.quantile(0.025).item(), values.quantile(0.975).item()
+
+
+class ClassScores(NamedTuple):
+    """Class accuracy and Frechet distance of class-conditional samples, each with its 95% bootstrap interval."""
+    accuracy: float
+    accuracy_ci: tuple[float, float]
+    frechet: float
+    frechet_ci: tuple[float, float]
+
+    def __str__(self) -> str:  # two cells of a Markdown table
+        (a0, a1), (f0, f1) = self.accuracy_ci, self.frechet_ci
+        return f"{self.accuracy:.1%} ({a0:.1%}-{a1:.1%}) | {self.frechet:.1f} ({f0:.1f}-{f1:.1f})"
+
+
+def score_classes(judge: MNISTClassifier, images: Tensor, labels: Tensor, real: Tensor,
+                  rounds: int = 200) -> ClassScores:
+    """The share of `images` that `judge` classifies as their `labels` and their Frechet distance to the `real`
+    features (judge's feature space), with bootstrap intervals over the samples."""
+    right = torch.cat([judge(images[i:i + 500]).argmax(1) for i in range(0, len(images), 500)]) == labels
+    right, feats, target = right.double(), extract(judge.features, images), moments(real)
+    return ClassScores(right.mean().item(), bootstrap(lambda i: right[i].mean().item(), len(images), rounds),
+                       frechet_distance(*moments(feats), *target),
+                       bootstrap(lambda i: frechet_distance(*moments(feats[i]), *target), len(images), rounds))
+
+
+def real_floor(real: Tensor, n: int, seed: int = 1) -> float:
+    """The real-vs-real Frechet floor at n samples: n real features drawn without replacement against all."""
+    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
+    return frechet_distance(*moments(real[idx]), *moments(real))
 
 
 def colour_classes(maps: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ every sampler."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -36,20 +37,29 @@ class CFG:
     """Classifier-free guidance (Ho & Salimans 2022): D = D_u + s (D_c - D_u).
 
     `uncond` is the null condition (empty prompt, null class) or a negative prompt's. Cond and uncond
-    run as one batch of 2B; s = 1 is exactly the conditional denoiser, s = 0 the unconditional one."""
+    run as one batch of 2B; s = 1 is exactly the conditional denoiser, s = 0 the unconditional one.
+    Guidance acts only at times t > `t_stop` (CFG-until: below it the conditional denoiser alone runs, at half
+    the batch); the times are on the host, so the choice costs no device sync."""
 
-    def __init__(self, denoiser: Denoiser, scale: float, uncond: Cond):
-        self.denoiser, self.scale, self.uncond = denoiser, scale, uncond
+    def __init__(self, denoiser: Denoiser, scale: float, uncond: Cond, t_stop: float = -math.inf):
+        self.denoiser, self.scale, self.uncond, self.t_stop = denoiser, scale, uncond, t_stop
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Prediction:
         cond = cond or {}
-        if self.scale == 1:
+        on = t.cpu() > self.t_stop
+        if self.scale == 1 or not bool(on.any()):
             return self.denoiser(x, t, cond)
         both = concat_cond(cond, self.uncond, len(x))
         if self.scale == 0:
-            return self.denoiser(x, t, {k: v[len(x):] for k, v in both.items()})
-        p_c, p_u = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return p_u.combine(p_c, self.scale)
+            p = self.denoiser(x, t, {k: v[len(x):] for k, v in both.items()})
+        else:
+            p_c, p_u = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            p = p_u.combine(p_c, self.scale)
+        if bool(on.all()):
+            return p
+        p_c = self.denoiser(x, t, cond)  # times on both sides of t_stop in one batch: each sample its own
+        keep = expand_like(on, x).bool()
+        return p._replace(eps=torch.where(keep, p.eps, p_c.eps), x0=torch.where(keep, p.x0, p_c.x0))
 
 
 def downsample(x: Tensor, s: int) -> Tensor:

@@ -65,3 +65,36 @@ def line_png(path: str | Path, x: Sequence[float], series: Sequence[tuple[str, S
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def points_png(path: str | Path, points: Sequence[tuple[str, float, float, tuple[float, float]]],
+               size: tuple[int, int] = (720, 440), x_label: str = "", y_label: str = "") -> Path:
+    """Labelled points (name, x, y, (y_lo, y_hi)) with vertical interval bars, e.g. quality against cost."""
+    W, H, m = size[0], size[1], 48
+    xs = [p[1] for p in points]
+    ys = [v for p in points for v in (p[2], *p[3])]
+    x0, x1, y0, y1 = min(0.0, *xs), max(xs) * 1.05, min(0.0, *ys), max(ys) * 1.05
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((m, m // 2, W - m // 2, H - m), outline="black")
+
+    def to_px(xv: float, yv: float) -> tuple[float, float]:
+        return (m + (xv - x0) / max(x1 - x0, 1e-12) * (W - 1.5 * m),
+                H - m - (yv - y0) / max(y1 - y0, 1e-12) * (H - 1.5 * m))
+
+    for k, (name, xv, yv, (lo, hi)) in enumerate(points):
+        colour = COLORS[k % len(COLORS)]
+        (u, v), (_, v_lo), (_, v_hi) = to_px(xv, yv), to_px(xv, lo), to_px(xv, hi)
+        draw.line([(u, v_lo), (u, v_hi)], fill=colour, width=1)
+        draw.ellipse((u - 3, v - 3, u + 3, v + 3), fill=colour)
+        draw.text((u + 5, v - 6), name, fill=colour)
+    draw.text((2, m // 2), f"{y1:.3g}", fill="black")
+    draw.text((2, H - m - 10), f"{y0:.3g}", fill="black")
+    draw.text((m, H - m + 4), f"{x0:g}", fill="black")
+    draw.text((W - m - 30, H - m + 4), f"{x1:.3g}", fill="black")
+    draw.text((W // 2 - 3 * len(x_label), H - 16), x_label, fill="black")
+    draw.text((m + 4, m // 2 + 4), y_label, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

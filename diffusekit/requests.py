@@ -58,6 +58,10 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "spacing": named("spacing", SPACINGS),
     "eta": within(0, 1),
     "variance": named("variance", DDPM_VARIANCES),
+    "cfg_until": lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}",
+    "cache": at_least(1),
+    "cache_depth": at_least(0),
+    "vae_tile": at_least(0),
     "upsample_guidance": ug_weight,
     "ug_eta": within(0, 1),
     "height": at_least(1),
@@ -92,10 +96,14 @@ class Request:
     spacing: str | None = None
     eta: float | None = None
     variance: str | None = None
+    cfg_until: float = defaults.CFG_UNTIL  # CFG over this first fraction of the steps
+    cache: int = defaults.CACHE  # recompute the UNet's deep features every this many steps (1: exact)
+    cache_depth: int = defaults.CACHE_DEPTH  # the skips above which the UNet's blocks run every step
     upsample_guidance: float | None = None  # w; -1 or None is off
     ug_eta: float = defaults.UG_ETA
     height: int | None = None
     width: int | None = None
+    vae_tile: int | None = None  # latent models: decode in tiles of this many pixels (0: whole; None: where needed)
     scale: int = defaults.GRID_SCALE  # pixel magnification in the grid
     input_image: str | None = None  # img2img / inpaint / upscale input (a file)
     mask: str | None = None  # inpainting mask (a file, white = regenerate)
@@ -140,6 +148,9 @@ class Request:
             raise ValueError("a negative prompt needs a prompt")
         if self.classifier is not None and self.prompt:
             raise ValueError("classifier guidance guides class labels, not prompts")
+        if self.cache > 1 and self.compile:
+            raise ValueError("cache and compile do not combine: the cache's choice of blocks changes every step, "
+                             "which would recompile the network")
 
     @property
     def sampler_options(self) -> dict[str, Any]:
@@ -196,7 +207,8 @@ class Plan:
         """generate's keywords for the request, but the generator, callback and progress."""
         r = self.request
         return dict(**self.conditions, height=r.height, width=r.width, sampler=r.sampler, steps=r.steps, cfg=r.cfg,
-                    spacing=r.spacing, upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta,
+                    spacing=r.spacing, cfg_until=r.cfg_until, cache=r.cache, cache_depth=r.cache_depth,
+                    upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta, vae_tile=r.vae_tile,
                     classifier_scale=r.classifier_scale, **self.options)
 
 
@@ -211,6 +223,12 @@ def plan(request: Request, pipe: Pipeline) -> Plan:
                             labels=r.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None),
                             input_image=r.input_image and str(Path(r.input_image).resolve()),
                             mask=r.mask and str(Path(r.mask).resolve()), map=r.map and str(Path(r.map).resolve()))
+    if r.vae_tile and (pipe.autoencoder is None or r.vae_tile % pipe.factor):
+        why = "has no autoencoder" if pipe.autoencoder is None else f"has factor {pipe.factor}"
+        raise ValueError(f"vae_tile is an option of latent models, in multiples of their autoencoder's factor; "
+                         f"{r.model} {why}")
+    if r.cache > 1:
+        pipe.denoiser(r.cache, r.cache_depth)  # refuses a network DeepCache cannot cache, and a depth it lacks
     conditions, rows, own = batch(r, pipe)
     check_inputs(pipe, len(own), r.height, r.width, inputs.get("image"), inputs.get("mask"), inputs.get("low_res"),
                  r.upsample_guidance, inputs.get("semantic_map"))

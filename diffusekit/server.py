@@ -76,6 +76,10 @@ class JobRequest(BaseModel):
     width: int | None = Field(None, ge=1)
     upsample_guidance: float | None = Field(None, ge=0, le=defaults.UG_MAX, description="Upsample Guidance weight w")
     ug_eta: float = Field(Request.ug_eta, ge=0, le=1)
+    cfg_until: float = Field(Request.cfg_until, gt=0, le=1, description="CFG over this first fraction of the steps")
+    cache: int = Field(Request.cache, ge=1, description="recompute the UNet's deep features every this many steps")
+    cache_depth: int = Field(Request.cache_depth, ge=0)
+    vae_tile: int | None = Field(None, ge=0, description="latent models: decode tile in pixels; 0: whole")
     strength: float | None = Field(None, gt=0, le=1, description="img2img / inpaint; null: the task's default")
     image: str | None = Field(None, description="input image: a data URL or base64 (img2img, inpaint, upscale)")
     mask: str | None = Field(None, description="inpainting mask of the image's size, white = regenerate")
@@ -442,7 +446,8 @@ class Server:
         self.description = {  # (fixed while the server runs: GET /api/models)
             "models": list(self.model_info.values()), "samplers": list(SAMPLERS),
             "defaults": {"sampler": Request.sampler, "steps": Request.steps, "cfg": Request.cfg,
-                         "ug_eta": Request.ug_eta, "n": Request.n, "strength": defaults.STRENGTH,
+                         "ug_eta": Request.ug_eta, "cfg_until": Request.cfg_until, "cache": Request.cache,
+                         "n": Request.n, "strength": defaults.STRENGTH,
                          "upsample_guidance": defaults.UG_W}, "limits": dataclasses.asdict(self.limits)}
 
     def prepare(self, req: JobRequest) -> Job:

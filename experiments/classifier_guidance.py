@@ -16,13 +16,10 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from diffusekit.bundled import CLASSIFIERS
 from diffusekit.data import MNIST
-from diffusekit.evaluation import (bootstrap, class_accuracy, extract, frechet_distance, load_mnist_classifier, moments,
-                                   sample_classes)
-from diffusekit.images import save_grid
+from diffusekit.evaluation import (extract, load_mnist_classifier, real_floor, sample_classes, save_class_grid,
+                                   score_classes)
 from diffusekit.pipelines import load_classifier
 from diffusekit.requests import load_model
 
@@ -41,26 +38,15 @@ def main() -> None:
     real = extract(judge.features, MNIST().images)
     methods = {**{f"classifier guidance s={s:g} (cfg 0)": dict(cfg=0.0, classifier=classifier, classifier_scale=s)
                   for s in a.scales}, **{f"CFG {w:g}": dict(cfg=w) for w in a.cfg}}
-    floor_idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:10 * a.n]
-    floor = frechet_distance(*moments(real[floor_idx]), *moments(real))
+    floor = real_floor(real, 10 * a.n)
     print(f"| method ({10 * a.n} samples, dpmpp_2m 20 steps, {dtype}) | class accuracy (95% CI) | Frechet (95% CI) "
           f"| s / 1,000 images |\n| --- | --- | --- | --- |")
     for name, kw in methods.items():
         t0 = time.perf_counter()
         images, labels = sample_classes(pipe, a.n, seed=0, sampler="dpmpp_2m", steps=20, **kw)
         seconds = (time.perf_counter() - t0) * 1000 / len(images)
-        feats = extract(judge.features, images)
-        right = (torch.cat([judge(images[i:i + 500]).argmax(1) for i in range(0, len(images), 500)]) == labels).double()
-        acc = class_accuracy(judge, images, labels)
-        fd = frechet_distance(*moments(feats), *moments(real))
-        acc_ci = bootstrap(lambda i: right[i].mean().item(), len(images), a.rounds)
-        fd_ci = bootstrap(lambda i: frechet_distance(*moments(feats[i]), *moments(real)), len(images), a.rounds)
-        print(f"| {name} | {acc:.1%} ({acc_ci[0]:.1%}-{acc_ci[1]:.1%}) | {fd:.1f} ({fd_ci[0]:.1f}-{fd_ci[1]:.1f}) "
-              f"| {seconds:.1f} |", flush=True)
-        k = min(8, a.n)
-        save_grid(images.view(10, a.n, *images.shape[1:])[:, :k].flatten(0, 1),
-                  Path(a.out) / f"{name.split(' (')[0].replace(' ', '_').replace('=', '')}.png", nrow=k,
-                  row_labels=[str(d) for d in range(10)], scale=2)
+        print(f"| {name} | {score_classes(judge, images, labels, real, a.rounds)} | {seconds:.1f} |", flush=True)
+        save_class_grid(images, a.n, Path(a.out) / f"{name.split(' (')[0].replace(' ', '_').replace('=', '')}.png")
     print(f"\nreal-vs-real floor: {10 * a.n} real digits against all 10k: Frechet {floor:.1f}")
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusekit.models import build
+from diffusekit.models.unet import DeepCache
 from diffusekit.denoisers import NetworkDenoiser
 from diffusekit.guidance import CFG, UpsampleGuidance
 from diffusekit.samplers import SAMPLERS
@@ -71,3 +72,18 @@ def test_the_counter_sees_a_host_read():
         with counter, pytest.raises((RuntimeError, NotImplementedError)):  # meta has no values to read
             read()
     assert counter.reads == ["_local_scalar_dense", "_to_copy", "_local_scalar_dense"]
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "heun", "dpmpp_sde"])
+def test_no_host_sync_with_fewer_evaluations(name):
+    """CFG-until's choice and DeepCache's reuse are decided on the host (times, call counts)."""
+    schedule = make_schedule("scaled_linear")
+    net = DeepCache(build("unet", NETS["unet"], device="meta").eval(), 2)
+    den = CFG(NetworkDenoiser(net, schedule, "v"), 3.0, {"class_labels": torch.full((2,), 10, device="meta")},
+              t_stop=schedule.timesteps(4)[2].item())
+    counter = DeviceReads()
+    with torch.no_grad(), counter:
+        y = SAMPLERS[name](den, torch.randn(2, 1, 16, 16, device="meta"), schedule.timesteps(4), schedule,
+                           {"class_labels": torch.tensor([1, 2], device="meta")}, generator=torch.Generator())
+    assert y.device.type == "meta" and sum(net.calls.values()) >= 4 and len(net.calls) == 2  # batches 4 and 2
+    assert counter.reads == []

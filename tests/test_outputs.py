@@ -68,7 +68,8 @@ def test_pngs_record_their_parameters(tmp_path):
     assert grid == {"model": "mnist", "model_path": str(MODELS["mnist"].resolve()), "labels": [3, 5],
                     "prompt": None, "negative": None, "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "classifier": None, "classifier_scale": 1.0,
-                    "spacing": "trailing", "eta": None, "variance": None, "upsample_guidance": None, "ug_eta": 1.0,
+                    "spacing": "trailing", "eta": None, "variance": None, "cfg_until": 1.0, "cache": 1, "cache_depth": 1,
+                    "upsample_guidance": None, "ug_eta": 1.0,
                     "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "map": None, "layout": None,
                     "strength": None,
                     "text_encoder": None, "refiner": None, "refiner_start": 0.8, "dtype": AUTO, "device": "cpu",
@@ -96,6 +97,18 @@ def test_from_png_reproduces_the_grid_and_single_images(tmp_path):
     main(["sample", "--from-png", str(a), "--seed", "8", "--out", str(tmp_path / "d.png")])  # options override
     assert read_parameters(tmp_path / "d.png")["seed"] == 8
     assert not np.array_equal(pixels(a), pixels(tmp_path / "d.png"))
+
+
+def test_the_fewer_evaluation_options_are_recorded_and_rerun(tmp_path):
+    a, b, exact = (tmp_path / f"{name}.png" for name in ("a", "b", "exact"))
+    fast = ["--steps", "6", "--cache", "3", "--cache-depth", "0", "--cfg-until", "0.5"]
+    main(SAMPLE + fast + ["--out", str(a)])
+    assert {k: read_parameters(a)[k] for k in ("cache", "cache_depth", "cfg_until")} == dict(cache=3, cache_depth=0,
+                                                                                           cfg_until=0.5)
+    main(["sample", "--from-png", str(a), "--out", str(b)])
+    assert np.array_equal(pixels(a), pixels(b))
+    main(SAMPLE + ["--steps", "6", "--out", str(exact)])
+    assert not np.array_equal(pixels(a), pixels(exact))
 
 
 def test_from_png_prompts_given_replace_the_recorded_ones():

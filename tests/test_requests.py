@@ -51,6 +51,7 @@ DOCUMENTED = [  # every value the README and --help name, per option (samplers a
     *({"upsample_guidance": w, "height": 28, "width": 28} for w in (0.0, defaults.UG_W, 0.5, defaults.UG_MAX)),
     *({"upsample_guidance": defaults.UG_W, "height": 28, "width": 28, "ug_eta": e} for e in (0.0, 0.6, 1.0)),
     {"cfg": 1.0}, {"cfg": 0.0}, {"scale": 1}, {"seed": 2**40},
+    {"cfg_until": 0.5}, {"cache": 3}, {"cache": 2, "cache_depth": 0}, {"cache": 2, "cfg_until": 0.3},
 ]
 
 
@@ -92,6 +93,12 @@ def test_learned_variance_needs_a_learned_sigma_network(mnist14):
     ({"negative": ["blurry"]}, "a negative prompt needs a prompt"),
     ({"dtype": "fp64"}, "unknown dtype 'fp64'"),
     ({"device": "gpu"}, "must be a torch device"),
+    ({"cfg_until": 0}, "cfg_until must be in (0, 1]"),
+    ({"cfg_until": 1.5}, "cfg_until must be in (0, 1]"),
+    ({"cache": 0}, "cache must be >= 1"),
+    ({"cache_depth": -1}, "cache_depth must be >= 0"),
+    ({"vae_tile": -8}, "vae_tile must be >= 0"),
+    ({"cache": 2, "compile": True}, "cache and compile do not combine"),
 ])
 def test_a_request_is_checked_once_on_creation(fields, message):
     with pytest.raises(ValueError) as e:
@@ -121,6 +128,10 @@ def test_the_model_decides_what_a_request_may_ask(mnist14):
         plan(Request(prompt=["a cat"]), mnist14)
     with pytest.raises(ValueError, match="not a super-resolution model"):
         plan(Request(task="upscale", input_image="a.png"), mnist14)
+    with pytest.raises(ValueError, match="vae_tile is an option of latent models.* has no autoencoder"):
+        plan(Request(vae_tile=64), mnist14)
+    with pytest.raises(ValueError, match=r"0 <= depth <= 5 \(the UNet's input blocks\), got interval 2, depth 6"):
+        plan(Request(cache=2, cache_depth=6), mnist14)
 
 
 def test_the_pipeline_knows_what_it_is(mnist14):
@@ -133,13 +144,15 @@ def test_the_pipeline_knows_what_it_is(mnist14):
 def test_each_default_lives_in_one_place():
     """generate, the diffusers-style call, the request (so the command line and the web API) and the training
     previews all take the defaults table's values."""
-    table = {"sampler": defaults.SAMPLER, "steps": defaults.STEPS, "cfg": defaults.CFG}
+    table = {"sampler": defaults.SAMPLER, "steps": defaults.STEPS, "cfg": defaults.CFG, "cfg_until": defaults.CFG_UNTIL,
+             "cache": defaults.CACHE, "cache_depth": defaults.CACHE_DEPTH}
     gen = inspect.signature(generate).parameters
     assert {k: gen[k].default for k in table} == table
     call = inspect.signature(Pipeline.__call__).parameters
     assert (call["num_inference_steps"].default, call["guidance_scale"].default) == (defaults.STEPS, defaults.CFG)
     assert {k: getattr(Request(), k) for k in table} == table
-    assert dataclasses.asdict(SampleSection()) | table == dataclasses.asdict(SampleSection())
+    section = {k: v for k, v in table.items() if k in dataclasses.asdict(SampleSection())}
+    assert dataclasses.asdict(SampleSection()) | section == dataclasses.asdict(SampleSection())
     args = make_parser().parse_args(["sample"])
     assert {k: getattr(args, k) for k in table} == table and args.n == Request.n == defaults.N
     assert (args.ug_eta, args.scale, args.refiner_start) == (defaults.UG_ETA, defaults.GRID_SCALE,

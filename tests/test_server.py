@@ -87,7 +87,7 @@ def test_models_page_and_schema(client):
 
 
 def test_job_streams_progress_and_its_png_reruns_from_the_command_line(client, tmp_path):
-    out = run(client, labels=[3], n=2, steps=6, seed=5)
+    out = run(client, labels=[3], n=2, steps=6, seed=5, cache=2, cfg_until=0.5)  # (the rerun keeps both options)
     job, events = out["job"], out["events"]
     kinds = [k for k, _ in events]
     assert kinds[0] == "status" and kinds[-1] == "done" and job["status"] == "done", events[-1]
@@ -100,7 +100,8 @@ def test_job_streams_progress_and_its_png_reruns_from_the_command_line(client, t
     assert all(a.shape == (28, 28) for a in images) and not np.array_equal(*images)
     grid = tmp_path / "grid.png"
     grid.write_bytes(client.get(job["grid"]).content)
-    assert read_parameters(grid)["labels"] == [3] and read_parameters(grid)["steps"] == 6
+    assert {k: read_parameters(grid)[k] for k in ("labels", "steps", "cache", "cfg_until")} == dict(
+        labels=[3], steps=6, cache=2, cfg_until=0.5)
     main(["sample", "--from-png", str(grid), "--out", str(tmp_path / "again.png")])  # the CLI, same parameters
     for k, a in enumerate(images):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / f"{k:03d}.png")), a)
@@ -170,6 +171,8 @@ BAD = [  # (request, status, a phrase of the message)
     ({"upsample_guidance": 11}, 422, "less than or equal to 10"),
     ({"task": "paint"}, 422, "sample"),
     ({"label": 1}, 422, "Extra inputs"),
+    ({"cfg_until": 0}, 422, "greater than 0"),
+    ({"cache": 2, "cache_depth": 9}, 400, "0 <= depth <= 5"),
 ]
 
 

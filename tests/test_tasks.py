@@ -187,3 +187,23 @@ def test_the_pipeline_call_with_prompts():
     assert out.shape == (4, 4, 16, 16)
     with pytest.raises(ValueError, match="takes no labels"):
         pipe("a", class_labels=3, num_inference_steps=1)
+
+
+@torch.no_grad()
+def test_decode_is_whole_where_it_fits_and_in_the_fewest_tiles_that_fit_above(monkeypatch):
+    pipe = tiny_latent_pipe()
+    z = torch.randn(1, 4, 40, 24, generator=gen(3))
+    whole = pipe.autoencoder.from_latent(z)
+    assert pipe.decode_tile(z) is None and torch.equal(pipe.decode(z), whole) and torch.equal(pipe.decode(z, 0), whole)
+    # 4 px per latent pixel x 8 channels x 4 bytes x DECODE_TENSORS: a budget that fits a 20x20 tile
+    per_pixel = 2**2 * 8 * 4 * 8
+    monkeypatch.setattr("diffusekit.defaults.DECODE_MEMORY", 20 * 20 * per_pixel)
+    tile = pipe.decode_tile(z)
+    assert tile == 16  # 2 tiles would need 23 > 20; 3 tiles of 16, overlapping by 4, cover the 40
+    assert 3 * tile - 2 * (tile // 4) >= 40 > 2 * 22 - 22 // 4
+    tiled = pipe.decode(z)
+    assert torch.equal(tiled, pipe.autoencoder.from_latent(z, tile)) and tiled.shape == whole.shape
+    assert torch.equal(pipe.decode(z, 0), whole)  # 0: whole, whatever the budget
+    assert torch.equal(pipe.decode(z, 16), pipe.autoencoder.from_latent(z, 8))  # a tile in pixels
+    with pytest.raises(ValueError, match="decode tile 15 must be a multiple of the autoencoder's factor 2"):
+        pipe.decode(z, 15)

@@ -134,11 +134,13 @@ def test_generate_shows_progress_and_lands_in_gallery(page, server):
     page.execute_script("""window.previews = [];
         new MutationObserver(() => window.previews.push(document.getElementById('preview').src))
             .observe(document.getElementById('preview'), {attributes: true, attributeFilter: ['src']});""")
-    fill(page, label=7, steps=8, n=2, seed=1234)
+    assert [page.find_element(By.ID, k).get_attribute("value") for k in ("cfg-until", "cache")] == ["1", "1"]
+    fill(page, label=7, steps=8, n=2, seed=1234, **{"cfg-until": 0.5, "cache": 2})
     assert not page.find_element(By.ID, "random-seed").is_selected()  # typing a seed turns "random" off
     job = generate(page, server)
     assert job["status"] == "done" and job["request"]["labels"] == [7] and job["seed"] == 1234
     assert job["request"]["steps"] == 8 and len(job["images"]) == 2
+    assert (job["request"]["cfg_until"], job["request"]["cache"]) == (0.5, 2)
     card = page.find_element(By.CSS_SELECTOR, f'#gallery .job[data-id="{job["id"]}"]')
     assert [i.get_attribute("src").split("/api/", 1)[1] for i in card.find_elements(By.TAG_NAME, "img")] == \
         [u.split("/api/", 1)[1] for u in job["images"]]
@@ -149,13 +151,13 @@ def test_generate_shows_progress_and_lands_in_gallery(page, server):
     progress = page.find_element(By.ID, "progress")
     assert progress.get_attribute("max") == progress.get_attribute("value") == "8"
 
-    fill(page, steps=9, label="")  # "reuse seed/settings" on the result puts its settings back
+    fill(page, steps=9, label="", cache=1)  # "reuse seed/settings" on the result puts its settings back
     page.find_element(By.ID, "random-seed").click()
     card.find_element(By.TAG_NAME, "img").click()
     assert json.loads(page.find_element(By.ID, "params").text)["seed"] == 1234
     page.find_element(By.ID, "reuse-settings").click()
-    assert [page.find_element(By.ID, k).get_attribute("value") for k in ("steps", "label", "seed", "n")] == \
-        ["8", "7", "1234", "2"]
+    assert [page.find_element(By.ID, k).get_attribute("value") for k in ("steps", "label", "seed", "n", "cache")] == \
+        ["8", "7", "1234", "2", "2"]
     assert not page.find_element(By.ID, "random-seed").is_selected()
     assert js_errors(page) == []
 

@@ -8,6 +8,7 @@ every output block. Attention is a `SpatialTransformer` (self-attention, cross-a
 when the config has a `context_dim`, else single-block spatial self-attention. Conditions are summed into the
 time embedding: class labels (optionally with a null row for CFG) and SDXL's pooled text + micro-conditioning.
 A layout-to-image UNet (`layout_classes`) encodes its `layout` of boxes into the cross-attention context itself.
+`DeepCache` reuses the blocks below a skip connection (`UNet.deep`) from one sampling step to the next.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class Stage(nn.Module):
 
 class UNet(nn.Module):
     """forward(x, t, context=None, class_labels=None, pooled=None, time_ids=None, concat=None, layout=None) -> eps
-    (or the parametrization it was trained for), [B, out_channels (x2 if learned_sigma), H, W]."""
+    (or the parametrization it was trained for), [B, out_channels (x2 if learned_sigma), H, W]; a `DeepCache`
+    passes itself as `cache` to supply the deep features."""
 
     model_type = "unet"
     config_class = UNetConfig
@@ -210,7 +212,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor | None = None, class_labels: Tensor | None = None,
                 pooled: Tensor | None = None, time_ids: Tensor | None = None, concat: Tensor | None = None,
-                layout: Tensor | None = None) -> Tensor:
+                layout: Tensor | None = None, cache: "DeepCache | None" = None) -> Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
         if (self.layout_encoder is None) != (layout is None):
@@ -224,16 +226,29 @@ class UNet(nn.Module):
         self._check(x, context, class_labels, pooled, time_ids)
         emb = self.embed(x, t, class_labels, pooled, time_ids)  # (B, 4 * channels)
         context = context.to(x.dtype) if context is not None else None
+        depth = len(self.input_blocks) if cache is None else cache.depth
         h = self.conv_in(x)
         hs = [h]
-        for block in self.input_blocks:
+        for block in self.input_blocks[:depth]:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.deep(h, emb, context, depth) if cache is None else cache.deep(h, emb, context, tuple(x.shape))
+        for block in self.output_blocks[-len(hs):]:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+
+    def deep(self, h: Tensor, emb: Tensor, context: Tensor | None, depth: int) -> Tensor:
+        """The blocks below the depth-th skip connection: input blocks depth.., the middle, and the output blocks
+        that take their skips; h is the depth-th input block's output (conv_in's for depth 0)."""
+        hs = []
+        for block in self.input_blocks[depth:]:
             h = block(h, emb, context)
             hs.append(h)
         for block in self.middle:
             h = block(h, emb, context)
-        for block in self.output_blocks:
+        for block in self.output_blocks[:len(hs)]:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        return h
 
     def embed(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None, pooled: Tensor | None,
               time_ids: Tensor | None) -> Tensor:
@@ -273,3 +288,36 @@ class UNet(nn.Module):
             raise ValueError(f"pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} do not give the "
                              f"{c.addition_embed_dim} = pooled + n_ids * {c.addition_time_embed_dim} features expected")
 
+
+class DeepCache(nn.Module):
+    """DeepCache (Ma et al. 2024): a UNet whose deep features change slowly from step to step, so they are computed
+    on every `interval`-th call and reused on the calls between, while the blocks above the `depth`-th skip
+    connection (conv_in, the first `depth` input blocks, the last depth + 1 output blocks) run on every call.
+    Calls are counted per input shape, so CFG's doubled batch, Upsample Guidance's low-resolution call and a
+    batch that halves when CFG stops each keep their own features. interval 1 is the plain UNet; one instance
+    serves one sampling run (`reset` starts another)."""
+
+    def __init__(self, unet: UNet, interval: int, depth: int = 1):
+        super().__init__()
+        if not isinstance(unet, UNet):
+            raise ValueError(f"DeepCache needs a UNet; this model's network is a {type(unet).__name__}")
+        if interval < 1 or not 0 <= depth <= len(unet.input_blocks):
+            raise ValueError(f"DeepCache needs interval >= 1 and 0 <= depth <= {len(unet.input_blocks)} (the UNet's "
+                             f"input blocks), got interval {interval}, depth {depth}")
+        self.unet, self.config, self.interval, self.depth = unet, unet.config, interval, depth
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: dict[tuple[int, ...], int] = {}
+        self.features: dict[tuple[int, ...], Tensor] = {}
+
+    def forward(self, x: Tensor, t: Tensor | float, **cond: Tensor) -> Tensor:
+        return self.unet(x, t, **cond, cache=self)
+
+    def deep(self, h: Tensor, emb: Tensor, context: Tensor | None, key: tuple[int, ...]) -> Tensor:
+        """UNet.deep(h, ...) on every interval-th call for inputs of shape `key`, its last result in between."""
+        n = self.calls.get(key, 0)
+        self.calls[key] = n + 1
+        if n % self.interval == 0:
+            self.features[key] = self.unet.deep(h, emb, context, self.depth)
+        return self.features[key]

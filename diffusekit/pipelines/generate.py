@@ -26,10 +26,12 @@ OUTPUTS = ("image", "latent")
 def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
              negative: Sequence[str] | None = None, height: int | None = None, width: int | None = None,
              sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
-             spacing: str | None = None, upsample_guidance: float | None = None, ug_eta: float = defaults.UG_ETA,
+             spacing: str | None = None, cfg_until: float = defaults.CFG_UNTIL, cache: int = defaults.CACHE,
+             cache_depth: int = defaults.CACHE_DEPTH, upsample_guidance: float | None = None,
+             ug_eta: float = defaults.UG_ETA,
              image: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
              low_res: Tensor | None = None, semantic_map: Tensor | None = None, layout: Tensor | None = None,
-             latents: Tensor | None = None,
+             latents: Tensor | None = None, vae_tile: int | None = None,
              denoising_start: float = 0.0, denoising_end: float = 1.0, output: str = "image",
              original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
              target_size: tuple[int, int] | None = None,
@@ -54,9 +56,15 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     - SDXL micro-conditioning: `original_size`, `crop_top_left`, `target_size` (default: the output size);
     - classifier guidance: a noise-aware `classifier(x_t, t, cond) -> log p(y | x_t)` of the labels, at
       `classifier_scale` (with cfg=0 it guides the model's unconditional mode alone);
+    - fewer network evaluations (each trades exactness for speed; the defaults are exact): `cfg_until` < 1 guides
+      only the first fraction of the steps (the rest run the conditional model alone, half the batch); `cache`
+      > 1 recomputes a UNet's deep features every `cache` steps and runs only its blocks above the
+      `cache_depth`-th skip in between (`DeepCache`);
+    - `vae_tile`: latent models decode in tiles of this many pixels (0: whole; None: whole up to
+      defaults.DECODE_MEMORY, tiled above, `Pipeline.decode`);
     - `callback(i, t, x, prediction)` after every step; `sampler_options` (eta, variance, order) go to the sampler.
     A state that turns NaN / inf raises FloatingPointError naming the first such step."""
-    check_settings(n, steps, cfg, upsample_guidance, ug_eta, denoising_start, denoising_end, output)
+    check_settings(n, steps, cfg, upsample_guidance, ug_eta, denoising_start, denoising_end, output, cfg_until)
     size = tuple(semantic_map.shape[-2:]) if torch.is_tensor(semantic_map) else pipe.resolution  # the default
     H, W = height or size[0], width or size[1]
     shape, image, mask, low_res, semantic_map = check_inputs(pipe, n, H, W, image, mask, low_res, upsample_guidance,
@@ -65,22 +73,25 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     task = encode_inputs(pipe, shape, image, mask, low_res, generator, semantic_map)
     if task.concat is not None:
         cond["concat"] = task.concat
-    denoiser = guided(pipe, cond, negative, cfg, task, upsample_guidance, ug_eta, (H, W), wrap)
+    ts = grid(pipe, steps, spacing, denoising_start, denoising_end, strength if image is not None else None)
+    denoiser = guided(pipe.denoiser(cache, cache_depth), pipe, cond, negative, cfg, cfg_stop(ts, cfg_until), task,
+                      upsample_guidance, ug_eta, (H, W), wrap)
     if classifier is not None:
         if "class_labels" not in cond:
             raise ValueError("classifier guidance needs class labels (a class-conditional model)")
         denoiser = ClassifierGuidance(denoiser, pipe.schedule, classifier, classifier_scale)
-    ts = grid(pipe, steps, spacing, denoising_start, denoising_end, strength if image is not None else None)
     x = initial_state(pipe, (n, *shape), ts, latents, task.known if image is not None else None, strength, generator)
     z = sample(sampler, denoiser, x, ts, pipe, cond, generator, callback, progress, sampler_options)
-    return z if output == "latent" else finish(pipe, z, task, image)
+    return z if output == "latent" else finish(pipe, z, task, image, vae_tile)
 
 
 def check_settings(n: int, steps: int, cfg: float, upsample_guidance: float | None, ug_eta: float,
-                   denoising_start: float, denoising_end: float, output: str) -> None:
+                   denoising_start: float, denoising_end: float, output: str, cfg_until: float) -> None:
     """Refuse settings no model could run (ValueError naming them)."""
     if n < 1 or steps < 1:
         raise ValueError(f"n and steps must be positive, got n={n}, steps={steps}")
+    if not 0 < cfg_until <= 1:
+        raise ValueError(f"cfg_until must be in (0, 1], got {cfg_until}")
     if not math.isfinite(cfg) or (upsample_guidance is not None and not math.isfinite(upsample_guidance)):
         raise ValueError(f"guidance weights must be finite, got {cfg=}, {upsample_guidance=}")
     if not 0 <= ug_eta <= 1:
@@ -104,14 +115,21 @@ def conditions(pipe: Pipeline, n: int, labels: Tensor | None, prompts: Sequence[
                             crop_top_left=torch.tensor([crop_top_left]).expand(n, 2), layout=layout)
 
 
-def guided(pipe: Pipeline, cond: dict[str, Tensor], negative: Sequence[str] | None, cfg: float, task: TaskInputs,
-           upsample_guidance: float | None, ug_eta: float, size: tuple[int, int],
+def cfg_stop(ts: Tensor, cfg_until: float) -> float:
+    """The time below which CFG stops for guidance over the first fraction `cfg_until` of the grid's steps: the
+    time of step round(cfg_until * steps) (-inf for the whole grid)."""
+    k = round(cfg_until * (len(ts) - 1))
+    return -math.inf if k == len(ts) - 1 else ts[k].item()
+
+
+def guided(denoiser: Denoiser, pipe: Pipeline, cond: dict[str, Tensor], negative: Sequence[str] | None, cfg: float,
+           t_stop: float, task: TaskInputs, upsample_guidance: float | None, ug_eta: float, size: tuple[int, int],
            wrap: Callable[[Denoiser], Denoiser] | None) -> Denoiser:
-    """The network's denoiser wrapped in CFG (unless scale 1, or nothing to guide by: a concatenated image alone
-    is no condition), inpainting's blending, Upsample Guidance, and `wrap`, in that order."""
-    denoiser: Denoiser = pipe.denoiser()
+    """The network's `denoiser` wrapped in CFG (unless scale 1, or nothing to guide by: a concatenated image alone
+    is no condition; only at times above t_stop), inpainting's blending, Upsample Guidance, and `wrap`, in that
+    order."""
     if pipe.conditioner.keys and cfg != 1:
-        denoiser = CFG(denoiser, cfg, pipe.conditioner.null(cond, negative))
+        denoiser = CFG(denoiser, cfg, pipe.conditioner.null(cond, negative), t_stop)
     if task.keep is not None:
         denoiser = Inpaint(denoiser, pipe.schedule, task.known, task.keep)
     if upsample_guidance is not None:
@@ -166,10 +184,10 @@ def sample(sampler: str, denoiser: Denoiser, x: Tensor, ts: Tensor, pipe: Pipeli
     return z
 
 
-def finish(pipe: Pipeline, z: Tensor, task: TaskInputs, image: Tensor | None) -> Tensor:
+def finish(pipe: Pipeline, z: Tensor, task: TaskInputs, image: Tensor | None, vae_tile: int | None) -> Tensor:
     """Decode the state to images in [-1, 1]; pixel-space inpainting pastes the known pixels back exactly."""
     with torch.no_grad():
-        out = pipe.decode(z).float().clamp(-1, 1)
+        out = pipe.decode(z, vae_tile).float().clamp(-1, 1)
     if task.keep is None or pipe.autoencoder is not None:
         return out
     return torch.where(task.keep.bool(), image.to(pipe.device), out)

@@ -8,6 +8,7 @@ autoencoder in `autoencoder/` (see `loading`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,7 +18,12 @@ from torch import Tensor, nn
 from .. import defaults
 from ..conditioning import Conditioner, PromptEncoder
 from ..denoisers import DiffusionSettings, NetworkDenoiser
+from ..models.unet import DeepCache
 from .generate import generate
+
+
+DECODE_TENSORS = 8  # a decode holds about this many full-resolution activations of the decoder's first width
+# (measured: SD's VAE decoding 1024x1024 in float32 peaks 3.77 GB over its weights, 7.5 x 1024^2 x 128 x 4 bytes)
 
 
 @dataclass
@@ -102,8 +108,11 @@ class Pipeline:
         """Image heights and widths must be multiples of this (the network's and the autoencoder's downsampling)."""
         return getattr(self.net, "downsample_factor", 1) * self.factor
 
-    def denoiser(self) -> NetworkDenoiser:
-        return self.settings.denoiser(self.net, self.schedule)
+    def denoiser(self, cache: int = 1, cache_depth: int = defaults.CACHE_DEPTH) -> NetworkDenoiser:
+        """The network as a denoiser; with `cache` > 1 its UNet's deep features are recomputed every `cache` calls
+        (`DeepCache`, a fresh one per call of this method)."""
+        net = self.net if cache == 1 else DeepCache(self.net, cache, cache_depth)
+        return self.settings.denoiser(net, self.schedule)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Shape (C, h, w) of the diffusion state for an image of height x width."""
@@ -117,7 +126,24 @@ class Pipeline:
             return x
         return self.autoencoder.to_latent(x.to(next(self.autoencoder.parameters()).dtype), generator).float()
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
+        """Diffusion states -> images. Latent models decode in overlapping tile x tile pixel windows, blended, for
+        a `tile` given; 0 decodes whole; None (the default) decodes whole what fits in defaults.DECODE_MEMORY
+        (exact) and anything larger in the fewest tiles that fit (`decode_tile`)."""
         if self.autoencoder is None:
             return z
-        return self.autoencoder.from_latent(z.to(next(self.autoencoder.parameters()).dtype))
+        if tile and tile % self.factor:
+            raise ValueError(f"the decode tile {tile} must be a multiple of the autoencoder's factor {self.factor}")
+        latent_tile = self.decode_tile(z) if tile is None else tile // self.factor or None
+        return self.autoencoder.from_latent(z.to(next(self.autoencoder.parameters()).dtype), latent_tile)
+
+    def decode_tile(self, z: Tensor) -> int | None:
+        """The latent tile side that decodes z within defaults.DECODE_MEMORY with the fewest tiles per side (tiles
+        overlap by a quarter), or None if z fits whole."""
+        ae = self.autoencoder
+        per_latent_pixel = len(z) * self.factor**2 * ae.config.channels * next(ae.parameters()).element_size()
+        fits = max(math.isqrt(defaults.DECODE_MEMORY // (per_latent_pixel * DECODE_TENSORS)), 8)
+        side, n = max(z.shape[-2:]), 1
+        while (tile := math.ceil(side / (n - (n - 1) / 4))) > fits:
+            n += 1
+        return None if n == 1 else tile
