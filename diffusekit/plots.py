@@ -73,7 +73,7 @@ def points_png(path: str | Path, points: Sequence[tuple[str, float, float, tuple
     W, H, m = size[0], size[1], 48
     xs = [p[1] for p in points]
     ys = [v for p in points for v in (p[2], *p[3])]
-    x0, x1, y0, y1 = min(0.0, *xs), max(xs) * 1.05, min(0.0, *ys), max(ys) * 1.05
+    x0, x1, y0, y1 = min(0.0, *xs), max(xs) * 1.2, min(0.0, *ys), max(ys) * 1.05  # room for the labels
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     draw.rectangle((m, m // 2, W - m // 2, H - m), outline="black")
