@@ -40,6 +40,11 @@ def ug_weight(w: float) -> str | None:
     return None if w == -1 or 0 <= w <= defaults.UG_MAX else f"must be -1 (off) or in [0, {defaults.UG_MAX:g}], got {w}"
 
 
+def fraction(v: float) -> str | None:
+    """A check for a fraction in (0, 1] (img2img's strength, CFG-until's share of the steps)."""
+    return None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}"
+
+
 def named(what: str, names: typing.Collection[str]) -> Check:
     """A check for a name in `names`; others are refused naming the closest one, or all."""
     def check(v: str) -> str | None:
@@ -58,7 +63,7 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "spacing": named("spacing", SPACINGS),
     "eta": within(0, 1),
     "variance": named("variance", DDPM_VARIANCES),
-    "cfg_until": lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}",
+    "cfg_until": fraction,
     "cache": at_least(1),
     "cache_depth": at_least(0),
     "vae_tile": at_least(0),
@@ -67,7 +72,7 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "height": at_least(1),
     "width": at_least(1),
     "scale": at_least(1),
-    "strength": lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v!r}",
+    "strength": fraction,
     "refiner_start": within(0, 1),
     "dtype": named("dtype", ("auto", *DTYPES)),
     "device": available_device,

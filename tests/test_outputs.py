@@ -70,7 +70,7 @@ def test_pngs_record_their_parameters(tmp_path):
                     "classifier": None, "classifier_scale": 1.0,
                     "spacing": "trailing", "eta": None, "variance": None, "cfg_until": 1.0, "cache": 1, "cache_depth": 1,
                     "upsample_guidance": None, "ug_eta": 1.0,
-                    "height": 28, "width": 28, "scale": 2, "input_image": None, "mask": None, "map": None, "layout": None,
+                    "height": 28, "width": 28, "vae_tile": None, "scale": 2, "input_image": None, "mask": None, "map": None, "layout": None,
                     "strength": None,
                     "text_encoder": None, "refiner": None, "refiner_start": 0.8, "dtype": AUTO, "device": "cpu",
                     "diffusekit": version()}
