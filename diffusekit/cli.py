@@ -48,6 +48,11 @@ def field(name: str, parse: Callable[[str], Any] = str) -> Callable[[str], Any]:
     return checked(parse, name=name)
 
 
+def ug_weight_or_auto(text: str) -> float | str:
+    """argparse type of --upsample-guidance: 'auto' or a number."""
+    return text if text == defaults.UG_AUTO else float(text)
+
+
 def parse_labels(text: str) -> list[int]:
     """argparse type for class labels: '0-9' or '1,3,5' (ranges allowed inside the list)."""
     out: list[int] = []
@@ -134,7 +139,7 @@ def evaluate(args: argparse.Namespace) -> None:
         print(f"MNIST classifier: held-out accuracy {acc:.4f} (1,000 digits) -> {path}")
         return
     features = ev.inception_features(args.inception) if args.inception else None
-    real, _ = ev.load_images(args.real, args.resolution)
+    real, real_labels = ev.load_images(args.real, args.resolution)
     if args.model:
         pipe, _ = load_model(args.model, args.device, args.dtype)
         images, labels = ev.sample_classes(pipe, args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
@@ -143,8 +148,7 @@ def evaluate(args: argparse.Namespace) -> None:
         images, labels = ev.load_images(args.fake, args.resolution)
     else:
         raise ValueError("pass --model (samples a class-conditional model), --fake FOLDER or --train-classifier")
-    metrics = ev.evaluate_samples(images, real, labels, features=features)
-    print(json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+    print(json.dumps(ev.evaluate_against_floor(images, labels, real, real_labels, features=features, rounds=args.rounds)))
 
 
 def train_classifier(args: argparse.Namespace) -> None:
@@ -235,9 +239,9 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                         f"{', '.join(DDPM_VARIANCES)}; if not given, the sampler's small")
     p.add_argument("--height", type=field("height", int), help="image height, if not the model's training height")
     p.add_argument("--width", type=field("width", int), help="image width, if not the model's training width")
-    p.add_argument("--upsample-guidance", type=field("upsample_guidance", float), metavar="W",
-                   help=f"Upsample Guidance weight w in [0, {defaults.UG_MAX:g}] (e.g. {defaults.UG_W}) for sizes "
-                        "s x the training size; -1 is off")
+    p.add_argument("--upsample-guidance", type=field("upsample_guidance", ug_weight_or_auto), metavar="W",
+                   help=f"Upsample Guidance weight w in [0, {defaults.UG_MAX:g}], or {defaults.UG_AUTO} (the "
+                        "measured best: docs/upsample_guidance.md), for sizes s x the training size; -1 is off")
     p.add_argument("--ug-eta", type=field("ug_eta", float), default=defaults.UG_ETA,
                    help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
     p.add_argument("--cfg-until", type=field("cfg_until", float), default=defaults.CFG_UNTIL, metavar="F",
@@ -319,6 +323,8 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     device_options(p)
     p.add_argument("--inception", help="FID Inception weights (.pth read weights-only, or .safetensors) for "
                                        "Inception features instead of MNIST ones")
+    p.add_argument("--rounds", type=checked(int, at_least(10)), default=200,
+                   help="bootstrap resamples of the 95%% intervals")
     p.add_argument("--train-classifier", action="store_true", help="train and save the MNIST feature classifier")
     p.add_argument("--classifier-steps", type=field("steps", int), default=2000,
                    help="training steps of the classifier")

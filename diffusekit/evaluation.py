@@ -106,13 +106,14 @@ def extract(features: Features, images: Tensor, batch: int = 500) -> Tensor:
 # ----------------------------------------------------------------------------- MNIST classifier
 
 def train_mnist_classifier(steps: int = 3000, batch: int = 128, holdout: int = 1000, seed: int = 0,
-                           progress: bool = True) -> tuple[MNISTClassifier, float]:
+                           progress: bool = True, config: MNISTClassifierConfig | None = None
+                           ) -> tuple[MNISTClassifier, float]:
     """Train on the first 9,000 bundled digits (random shifts of up to 2 pixels), return the model and its
-    accuracy on the held-out last 1,000."""
+    accuracy on the held-out last 1,000 (another seed and `config` give an independent judge)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train, test = MNIST(indices=slice(0, 10_000 - holdout)), MNIST(indices=slice(10_000 - holdout, None))
-    model = MNISTClassifier(MNISTClassifierConfig())
+    model = MNISTClassifier(config or MNISTClassifierConfig())
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     for _ in tqdm(range(steps), disable=not progress, desc="training the MNIST classifier"):
@@ -320,12 +321,24 @@ def mean_iou(pred: Tensor, target: Tensor, classes: int) -> tuple[float, Tensor]
     return iou_of_counts(iou_counts(pred, target, classes).sum(0))
 
 
+def interval(values: Tensor) -> list[float]:
+    """The 95% interval (2.5% and 97.5% quantiles) of bootstrap values."""
+    return values.quantile(values.new_tensor([0.025, 0.975])).tolist()
+
+
+def centred_interval(estimate: float, values: Tensor) -> list[float]:
+    """The 95% spread of bootstrap values (2.5% to 97.5% quantiles) placed around the estimate: a resample's repeats
+    inflate a Frechet distance, so the plain percentile interval can miss the estimate itself."""
+    lo, hi = interval(values - values.mean())
+    return [estimate + lo, estimate + hi]
+
+
 def bootstrap(f: Callable[[Tensor], float], n: int, rounds: int = 200, seed: int = 0) -> tuple[float, float]:
     """The 95% bootstrap interval (2.5% and 97.5% quantiles) of a statistic f(indices) over `rounds` resamples
     of range(n) with replacement."""
     g = torch.Generator().manual_seed(seed)
-    values = torch.tensor([f(torch.randint(0, n, (n,), generator=g)) for _ in range(rounds)])
-    return values.quantile(0.025).item(), values.quantile(0.975).item()
+    lo, hi = interval(torch.tensor([f(torch.randint(0, n, (n,), generator=g)) for _ in range(rounds)], dtype=torch.float64))
+    return lo, hi
 
 
 class ClassScores(NamedTuple):
@@ -355,6 +368,139 @@ def real_floor(real: Tensor, n: int, seed: int = 1) -> float:
     """The real-vs-real Frechet floor at n samples: n real features drawn without replacement against all."""
     idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
     return frechet_distance(*moments(real[idx]), *moments(real))
+
+
+def hold_out(images: Tensor, labels: Tensor | None, n: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Real images split for a ranking: n random ones of each class (of all, without labels) as the real-vs-real
+    floor's set, as many and as balanced as class-conditional samples of n per class, and all the others as the
+    reference every set is measured against -> reference, floor images, their labels."""
+    g = torch.Generator().manual_seed(seed)
+    if labels is None:
+        picks = torch.randperm(len(images), generator=g)[:n]
+    else:
+        picks = torch.cat([torch.nonzero(labels == c)[:, 0][torch.randperm(int((labels == c).sum()), generator=g)][:n]
+                           for c in labels.unique()])
+    if len(picks) >= len(images):
+        raise ValueError(f"{len(images)} real images cannot hold out {len(picks)} for the floor and keep a reference")
+    rest = torch.ones(len(images), dtype=torch.bool)
+    rest[picks] = False
+    return images[rest], images[picks], None if labels is None else labels[picks]
+
+
+def judge_sets(per_class: int = 100, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The bundled digits held out for a ranking of class-conditional MNIST samples (`hold_out`)."""
+    data = MNIST(28)
+    return hold_out(data.images, data.labels, per_class, seed)
+
+
+def cubic_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """KID's polynomial kernel (a . b / d + 1)^3 between feature rows."""
+    return (a.double() @ b.double().T / a.shape[1] + 1) ** 3
+
+
+def off_diagonal_mean(k: Tensor) -> Tensor:
+    n = len(k)
+    return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+
+
+def off_diagonal_mean_chunked(f: Tensor, chunk: int = 1000) -> float:
+    """off_diagonal_mean(cubic_kernel(f, f)) without holding the [N, N] kernel."""
+    total = sum(cubic_kernel(c, f).sum() for c in f.split(chunk))
+    diagonal = (f.double().square().sum(1) / f.shape[1] + 1).pow(3).sum()
+    return ((total - diagonal) / (len(f) * (len(f) - 1))).item()
+
+
+class Judged(NamedTuple):
+    """Per-sample pieces of one sample set's scores, from which any resample's scores follow."""
+    features: Tensor  # [n, d]
+    right: Tensor  # [n] 1 where the judge reads the requested class
+    k_self: Tensor  # [n, n] kernel among the samples
+    k_ref: Tensor  # [n] mean kernel of each sample to the reference
+
+
+def judged(features: Features, classify: Features | None, images: Tensor, labels: Tensor | None,
+           reference: Tensor) -> Judged:
+    """Per-sample pieces of `images` against `reference` features; `classify` maps features to class logits."""
+    feats = extract(features, images)
+    right = torch.full((len(images),), torch.nan, dtype=torch.float64)
+    if labels is not None and classify is not None:
+        right = (torch.cat([classify(f).argmax(1) for f in feats.split(500)]) == labels).double()
+    k_ref = torch.cat([cubic_kernel(f, reference).mean(1) for f in feats.split(500)])
+    return Judged(feats, right, cubic_kernel(feats, feats), k_ref)
+
+
+def scores_of(j: Judged, idx: Tensor, ref_moments: tuple[Tensor, Tensor], k_ref_ref: float) -> list[float]:
+    """Frechet distance, unbiased KID (MMD^2 of the cubic kernel, all pairs) and class accuracy of the
+    samples `idx` (a bootstrap resample, or all)."""
+    fd = frechet_distance(*moments(j.features[idx]), *ref_moments)
+    kid_u = off_diagonal_mean(j.k_self[idx][:, idx]) + k_ref_ref - 2 * j.k_ref[idx].mean()
+    return [fd, kid_u.item(), j.right[idx].mean().item()]
+
+
+FLOOR = "real (floor)"  # judge_table's row of held-out real images
+METRICS = ("frechet", "kid", "accuracy")  # judge_table's scores; lower is better for the first two
+
+
+def judge_table(features: Features, samples: dict[str, Tensor], labels: Tensor | None, reference: Tensor,
+                floor_set: Tensor, floor_labels: Tensor | None = None, classify: Features | None = None,
+                rounds: int = 200, seed: int = 0) -> dict:
+    """A ranking that says what it can tell apart: every sample set (all paired: sample i of each set shares its
+    label and seed) and the real floor set scored against `reference` (Frechet distance and unbiased KID in the
+    feature space, and, with `classify` (features -> logits), class accuracy), each with a 95% bootstrap interval (`centred_interval`) over samples, and for every set
+    whether it ties the best one: the interval of its paired difference to the best (the same resample of
+    indices for both) contains 0. The floor row is `floor_set`, real digits as many as each sample set."""
+    ref_feats = extract(features, reference)
+    ref_moments = moments(ref_feats)
+    k_rr = off_diagonal_mean_chunked(ref_feats)
+    sets = {FLOOR: judged(features, classify, floor_set, floor_labels, ref_feats),
+            **{name: judged(features, classify, x, labels, ref_feats) for name, x in samples.items()}}
+    n = {len(j.right) for j in sets.values()}
+    if len(n) != 1:
+        raise ValueError(f"paired sample sets must be equally large, got sizes {sorted(n)}")
+    n, g = n.pop(), torch.Generator().manual_seed(seed)
+    full = {name: scores_of(j, torch.arange(n), ref_moments, k_rr) for name, j in sets.items()}
+    draws = [torch.randint(0, n, (n,), generator=g) for _ in range(rounds)]
+    boot = {name: torch.tensor([scores_of(j, i, ref_moments, k_rr) for i in draws], dtype=torch.float64) for name, j in sets.items()}
+    table = {}
+    methods = [name for name in sets if name in samples]
+    for m, metric in enumerate(METRICS):
+        if metric == "accuracy" and (classify is None or labels is None):
+            continue
+        sign = 1 if metric != "accuracy" else -1
+        best = min(methods, key=lambda name: sign * full[name][m]) if methods else None
+        for name in sets:
+            row = table.setdefault(name, {})
+            row[metric] = full[name][m]
+            spread = interval if metric == "accuracy" else lambda v, e=full[name][m]: centred_interval(e, v)
+            row[f"{metric}_ci"] = spread(boot[name][:, m])
+            if name in samples:
+                lo, hi = centred_interval(full[name][m] - full[best][m], boot[name][:, m] - boot[best][:, m])
+                row[f"{metric}_ties_best"] = name == best or lo <= 0 <= hi
+        table.setdefault("_best", {})[metric] = best
+    return table
+
+
+def evaluate_against_floor(images: Tensor, labels: Tensor | None, real: Tensor, real_labels: Tensor | None,
+                           classifier: MNISTClassifier | None = None, features: Features | None = None,
+                           rounds: int = 200) -> dict:
+    """`diffusekit eval`'s report: the samples' Frechet distance, KID and class accuracy with 95% bootstrap
+    intervals (judge_table), precision / recall, and the same scores of as many held-out real images (per class when
+    both sides have labels) against the same reference: the floor at this sample count, and whether the samples'
+    Frechet interval reaches it."""
+    classifier = classifier or load_mnist_classifier()
+    own = features is None
+    features = features or classifier.features
+    by_class = labels is not None and real_labels is not None
+    reference, floor, floor_labels = hold_out(real, real_labels if by_class else None,
+                                              len(images) // len(labels.unique()) if by_class else len(images))
+    table = judge_table(features, {"samples": images}, labels, reference, floor, floor_labels,
+                        classifier.head if own else None, rounds)
+    samples = {k: v for k, v in table["samples"].items() if not k.endswith("_ties_best")}
+    if labels is not None and not own:
+        samples["accuracy"] = class_accuracy(classifier, images, labels)
+    samples["precision"], samples["recall"] = precision_recall(extract(features, reference), extract(features, images))
+    return {"samples": samples, "floor": table[FLOOR], "n": len(images), "reference": len(reference),
+            "within_floor": samples["frechet_ci"][0] <= table[FLOOR]["frechet_ci"][1]}
 
 
 def colour_classes(maps: Tensor) -> Tensor:

@@ -35,9 +35,11 @@ TASKS = ("sample", "img2img", "inpaint", "upscale")
 SAMPLER_OPTIONS = ("eta", "variance")  # the sampler options a request may set (samplers declare which they take)
 
 
-def ug_weight(w: float) -> str | None:
-    """A check for Upsample Guidance weights: -1 (off) or in [0, UG_MAX]."""
-    return None if w == -1 or 0 <= w <= defaults.UG_MAX else f"must be -1 (off) or in [0, {defaults.UG_MAX:g}], got {w}"
+def ug_weight(w: float | str) -> str | None:
+    """A check for Upsample Guidance weights: 'auto', -1 (off) or in [0, UG_MAX]."""
+    if w == defaults.UG_AUTO or (not isinstance(w, str) and (w == -1 or 0 <= w <= defaults.UG_MAX)):
+        return None
+    return f"must be {defaults.UG_AUTO!r}, -1 (off) or in [0, {defaults.UG_MAX:g}], got {w!r}"
 
 
 def fraction(v: float) -> str | None:
@@ -104,7 +106,7 @@ class Request:
     cfg_until: float = defaults.CFG_UNTIL  # CFG over this first fraction of the steps
     cache: int = defaults.CACHE  # recompute the UNet's deep features every this many steps (1: exact)
     cache_depth: int = defaults.CACHE_DEPTH  # the skips above which the UNet's blocks run every step
-    upsample_guidance: float | None = None  # w; -1 or None is off
+    upsample_guidance: float | str | None = None  # w or 'auto'; -1 or None is off
     ug_eta: float = defaults.UG_ETA
     height: int | None = None
     width: int | None = None

@@ -74,7 +74,8 @@ class JobRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="null: a random seed, returned")
     height: int | None = Field(None, ge=1, description="null: the model's size, or the input image's")
     width: int | None = Field(None, ge=1)
-    upsample_guidance: float | None = Field(None, ge=0, le=defaults.UG_MAX, description="Upsample Guidance weight w")
+    upsample_guidance: Annotated[float, Field(ge=0, le=defaults.UG_MAX)] | Literal[defaults.UG_AUTO] | None = Field(
+        None, description=f"Upsample Guidance weight w, or {defaults.UG_AUTO!r}")
     ug_eta: float = Field(Request.ug_eta, ge=0, le=1)
     cfg_until: float = Field(Request.cfg_until, gt=0, le=1, description="CFG over this first fraction of the steps")
     cache: int = Field(Request.cache, ge=1, description="recompute the UNet's deep features every this many steps")

@@ -86,3 +86,66 @@ def test_bootstrap_interval_covers_the_mean_with_the_normal_width():
     assert lo < x.mean().item() < hi and abs((hi - lo) / 2 - half) < 0.2 * half
     lo4, hi4 = ev.bootstrap(lambda i: x[i[:500]].mean().item(), len(x), rounds=400)  # 4x fewer samples: 2x wider
     assert 1.6 < (hi4 - lo4) / (hi - lo) < 2.4
+
+
+def test_unbiased_kid_of_a_resample_is_the_mmd_u_statistic():
+    g = gen(3)
+    f, r = torch.rand(30, 5, generator=g, dtype=torch.float64), torch.rand(40, 5, generator=g, dtype=torch.float64)
+
+    def k(a, b):
+        return (a @ b / 5 + 1) ** 3
+
+    idx = torch.tensor([0, 3, 3, 7, 29, 12])  # with a repeat, as a bootstrap resample has
+    x = f[idx]
+    xx = sum(k(x[i], x[j]) for i in range(6) for j in range(6) if i != j) / 30
+    rr = sum(k(r[i], r[j]) for i in range(40) for j in range(40) if i != j) / (40 * 39)
+    xr = sum(k(a, b) for a in x for b in r) / (6 * 40)
+    j = ev.Judged(f, torch.ones(30), ev.cubic_kernel(f, f), ev.cubic_kernel(f, r).mean(1))
+    assert ev.off_diagonal_mean_chunked(r, chunk=7) == pytest.approx(rr.item(), rel=1e-12)
+    kid = ev.scores_of(j, idx, ev.moments(r), ev.off_diagonal_mean_chunked(r))[1]
+    assert kid == pytest.approx((xx + rr - 2 * xr).item(), rel=1e-9)
+
+
+def test_judge_sets_are_disjoint_balanced_real_digits():
+    reference, floor, labels = ev.judge_sets(per_class=7)
+    assert len(floor) == 70 and torch.equal(torch.bincount(labels), torch.full((10,), 7))
+    assert len(reference) == 10_000 - 70
+    assert not (reference.flatten(1)[:, None] == floor.flatten(1)[None]).all(-1).any()  # no floor digit in the reference
+
+
+def test_judge_table_tells_apart_only_what_its_intervals_separate(classifier):
+    reference, held_out, held_labels = ev.judge_sets(per_class=40)  # two sets of 20 real digits per class
+    floor, other = (held_out.view(10, 40, 1, 28, 28)[:, half].flatten(0, 1) for half in (slice(0, 20), slice(20, 40)))
+    labels = held_labels.view(10, 40)[:, :20].flatten()
+    noisy = (other + 0.8 * torch.randn(other.shape, generator=gen(4))).clamp(-1, 1)
+    table = ev.judge_table(classifier.features, {"real": other, "copy": other.clone(), "noisy": noisy}, labels,
+                           reference[:3000], floor, floor_labels=labels, classify=classifier.head, rounds=50)
+    assert table["_best"]["frechet"] in ("real", "copy")
+    assert table["copy"]["frechet_ties_best"] and table["real"]["kid_ties_best"]  # the same samples tie exactly
+    assert not table["noisy"]["frechet_ties_best"] and not table["noisy"]["kid_ties_best"]
+    lo, hi = table["noisy"]["frechet_ci"]
+    assert table["real"]["frechet_ci"][1] < lo <= table["noisy"]["frechet"] <= hi
+    floor_fd = table[ev.FLOOR]["frechet"]  # real digits sit at the floor, within its interval
+    assert table["real"]["frechet_ci"][0] <= floor_fd <= table["real"]["frechet_ci"][1]
+    assert table[ev.FLOOR]["accuracy"] > 0.95 and table["noisy"]["accuracy"] < table["real"]["accuracy"]
+
+
+def test_eval_reports_intervals_and_the_floor_at_the_same_sample_count(tmp_path, capsys, classifier):
+    import json
+
+    from diffusekit.cli import main
+    from diffusekit.data import MNIST
+    from diffusekit.images import save_image
+
+    real_folder, fake_folder = tmp_path / "real", tmp_path / "fake"
+    for k, x in enumerate(MNIST(indices=slice(0, 400)).images):  # 360 real digits, and 40 of them as the "samples"
+        save_image(x, (real_folder if k < 360 else fake_folder) / f"{k:03d}.png")
+    main(["eval", "--model", "mnist", "--n", "3", "--steps", "1", "--rounds", "20", "--real", str(real_folder)])
+    bad = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # one step: far from real digits
+    assert bad["n"] == 30 and bad["reference"] == 360 - 30 and len(bad["floor"]["frechet_ci"]) == 2
+    lo, hi = bad["samples"]["frechet_ci"]
+    assert lo <= bad["samples"]["frechet"] <= hi and not bad["within_floor"]
+    assert bad["samples"]["frechet"] > 3 * bad["floor"]["frechet"]
+    main(["eval", "--fake", str(fake_folder), "--rounds", "20", "--real", str(real_folder)])
+    real = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert real["n"] == 40 and real["within_floor"] and "accuracy" not in real["samples"]

@@ -36,6 +36,25 @@ def test_upsample_guidance_minus_one_is_off_at_the_training_size(mnist14):
                            sample(mnist14, height=28, width=28))
 
 
+def test_upsample_guidance_auto_is_the_rule_s_weight_through_every_layer(mnist14, tmp_path):
+    """'auto' runs the weight guidance.upsample_guidance_weight picks (the same samples, the same cost), is
+    recorded as 'auto' and reruns from the PNG."""
+    from diffusekit.guidance import upsample_guidance_weight
+    from diffusekit.images import load_image
+
+    auto = sample(mnist14, upsample_guidance="auto", height=28, width=28)
+    assert torch.equal(auto, sample(mnist14, upsample_guidance=upsample_guidance_weight("auto"), height=28, width=28))
+    assert not torch.equal(auto, sample(mnist14, upsample_guidance=0.5, height=28, width=28))
+    args = ["sample", "--model", "mnist14", "--labels", "7", "--n", "1", "--steps", "2", "--height", "28", "--width",
+            "28", "--upsample-guidance", "auto", "--out", str(tmp_path / "a.png")]
+    main(args)
+    assert read_request(tmp_path / "a.png")["upsample_guidance"] == "auto"
+    main(["sample", "--from-png", str(tmp_path / "a.png"), "--out", str(tmp_path / "b.png")])
+    assert torch.equal(load_image(tmp_path / "a.png", 1), load_image(tmp_path / "b.png", 1))
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(args[:-3] + ["best"])
+
+
 def test_upsample_guidance_minus_one_from_the_command_line(tmp_path):
     main(["sample", "--model", "mnist14", "--labels", "7", "--n", "1", "--steps", "2", "--upsample-guidance", "-1",
           "--out", str(tmp_path / "off.png")])
@@ -79,8 +98,9 @@ def test_learned_variance_needs_a_learned_sigma_network(mnist14):
     ({"steps": 0}, "steps must be >= 1"),
     ({"n": 0}, "n must be >= 1"),
     ({"cfg": float("nan")}, "cfg must be finite"),
-    ({"upsample_guidance": 11}, "upsample_guidance must be -1 (off) or in [0, 10]"),
-    ({"upsample_guidance": -0.5}, "upsample_guidance must be -1 (off)"),
+    ({"upsample_guidance": 11}, "upsample_guidance must be 'auto', -1 (off) or in [0, 10]"),
+    ({"upsample_guidance": -0.5}, "upsample_guidance must be 'auto', -1 (off)"),
+    ({"upsample_guidance": "best"}, "upsample_guidance must be 'auto', -1 (off) or in [0, 10], got 'best'"),
     ({"ug_eta": 2}, "ug_eta must be in [0, 1]"),
     ({"task": "paint"}, "unknown task 'paint'"),
     ({"task": "img2img"}, "img2img needs input image"),

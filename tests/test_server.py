@@ -137,6 +137,8 @@ def test_inpaint_img2img_upscale_and_upsample_guidance(client):
     job = run(client, labels=[1], n=1, steps=4, seed=5, height=56, width=56, upsample_guidance=0.2)["job"]
     assert pixels(client.get(job["images"][0]).content).shape == (56, 56)
     assert job["parameters"]["upsample_guidance"] == 0.2
+    job = run(client, labels=[1], n=1, steps=2, seed=5, height=56, width=56, upsample_guidance="auto")["job"]
+    assert job["status"] == "done" and job["parameters"]["upsample_guidance"] == "auto"
 
 
 GREY = np.full((28, 28), 128, np.uint8)
@@ -169,6 +171,7 @@ BAD = [  # (request, status, a phrase of the message)
     ({"seed": 2**64}, 422, "less than"),
     ({"steps": 0}, 422, "greater than or equal to 1"),
     ({"upsample_guidance": 11}, 422, "less than or equal to 10"),
+    ({"upsample_guidance": "best"}, 422, "'auto'"),
     ({"task": "paint"}, 422, "sample"),
     ({"label": 1}, 422, "Extra inputs"),
     ({"cfg_until": 0}, 422, "greater than 0"),

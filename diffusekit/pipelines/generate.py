@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import defaults
 from ..denoisers import Denoiser
-from ..guidance import CFG, ClassifierGuidance, Inpaint, NoisyClassifier, UpsampleGuidance
+from ..guidance import CFG, ClassifierGuidance, Inpaint, NoisyClassifier, UpsampleGuidance, upsample_guidance_weight
 from ..parametrization import Prediction
 from ..samplers import Callback, get_sampler
 from ..schedules import img2img_grid
@@ -27,7 +27,7 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
              negative: Sequence[str] | None = None, height: int | None = None, width: int | None = None,
              sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
              spacing: str | None = None, cfg_until: float = defaults.CFG_UNTIL, cache: int = defaults.CACHE,
-             cache_depth: int = defaults.CACHE_DEPTH, upsample_guidance: float | None = None,
+             cache_depth: int = defaults.CACHE_DEPTH, upsample_guidance: float | str | None = None,
              ug_eta: float = defaults.UG_ETA,
              image: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
              low_res: Tensor | None = None, semantic_map: Tensor | None = None, layout: Tensor | None = None,
@@ -85,13 +85,15 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     return z if output == "latent" else finish(pipe, z, task, image, vae_tile)
 
 
-def check_settings(n: int, steps: int, cfg: float, upsample_guidance: float | None, ug_eta: float,
+def check_settings(n: int, steps: int, cfg: float, upsample_guidance: float | str | None, ug_eta: float,
                    denoising_start: float, denoising_end: float, output: str, cfg_until: float) -> None:
     """Refuse settings no model could run (ValueError naming them)."""
     if n < 1 or steps < 1:
         raise ValueError(f"n and steps must be positive, got n={n}, steps={steps}")
     if not 0 < cfg_until <= 1:
         raise ValueError(f"cfg_until must be in (0, 1], got {cfg_until}")
+    if upsample_guidance is not None:
+        upsample_guidance = upsample_guidance_weight(upsample_guidance)
     if not math.isfinite(cfg) or (upsample_guidance is not None and not math.isfinite(upsample_guidance)):
         raise ValueError(f"guidance weights must be finite, got {cfg=}, {upsample_guidance=}")
     if not 0 <= ug_eta <= 1:
@@ -123,7 +125,7 @@ def cfg_stop(ts: Tensor, cfg_until: float) -> float:
 
 
 def guided(denoiser: Denoiser, pipe: Pipeline, cond: dict[str, Tensor], negative: Sequence[str] | None, cfg: float,
-           t_stop: float, task: TaskInputs, upsample_guidance: float | None, ug_eta: float, size: tuple[int, int],
+           t_stop: float, task: TaskInputs, upsample_guidance: float | str | None, ug_eta: float, size: tuple[int, int],
            wrap: Callable[[Denoiser], Denoiser] | None) -> Denoiser:
     """The network's `denoiser` wrapped in CFG (unless scale 1, or nothing to guide by: a concatenated image alone
     is no condition; only at times above t_stop), inpainting's blending, Upsample Guidance, and `wrap`, in that
@@ -133,7 +135,8 @@ def guided(denoiser: Denoiser, pipe: Pipeline, cond: dict[str, Tensor], negative
     if task.keep is not None:
         denoiser = Inpaint(denoiser, pipe.schedule, task.known, task.keep)
     if upsample_guidance is not None:
-        denoiser = UpsampleGuidance(denoiser, pipe.schedule, upsample_factor(pipe, *size), upsample_guidance, ug_eta)
+        denoiser = UpsampleGuidance(denoiser, pipe.schedule, upsample_factor(pipe, *size),
+                                    upsample_guidance_weight(upsample_guidance), ug_eta)
     return wrap(denoiser) if wrap is not None else denoiser
 
 

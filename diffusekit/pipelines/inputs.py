@@ -28,7 +28,7 @@ def upsample_factor(pipe: Pipeline, height: int, width: int) -> int:
 
 def check_inputs(pipe: Pipeline, n: int, height: int, width: int, image: Tensor | None = None,
                  mask: Tensor | None = None, low_res: Tensor | None = None,
-                 upsample_guidance: float | None = None,
+                 upsample_guidance: float | str | None = None,
                  semantic_map: Tensor | None = None) -> tuple[tuple[int, int, int], Tensor | None, Tensor | None,
                                                               Tensor | None, Tensor | None]:
     """generate's checks of its inputs against the model, cheap enough to run before queueing the work: the
