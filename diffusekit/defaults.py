@@ -10,6 +10,7 @@ CACHE = 1  # DeepCache: recompute the UNet's deep features every this many steps
 CACHE_DEPTH = 1  # DeepCache: the skip connections above which the UNet's blocks run every step
 UG_ETA = 1.0  # Upsample Guidance acts while t >= (1 - eta) T
 UG_AUTO = "auto"  # the Upsample Guidance weight that picks itself (guidance.upsample_guidance_weight)
+UG_AUTO_W = 0.5  # what it picks: the best weight of the sweep on 1,000 digits per weight (docs/upsample_guidance.md)
 UG_W = UG_AUTO  # the Upsample Guidance weight suggested to users (the hint, the web UI's default)
 UG_MAX = 10.0  # the largest Upsample Guidance weight accepted (the article's useful range is about 0-1)
 STRENGTH = {"img2img": 0.6, "inpaint": 1.0}  # how far down the schedule an input is noised, by task

@@ -74,13 +74,12 @@ def upsample(x: Tensor, s: int) -> Tensor:
 
 
 def upsample_guidance_weight(w: float | str) -> float:
-    """w itself, or for 'auto' the projection weight 0 (docs/upsample_guidance.md): the one weight at which UG's x0
-    has exactly the low-resolution model's low frequencies, D[x0~] = x0(D[x_t] / rho_t, tau), so the model that
-    knows them decides them and the high-resolution pass adds only the detail; w > 0 extrapolates past both models
-    (on top of CFG's extrapolation) and w < 0 mixes back the high-resolution pass's wrong layout; the weight sweep
-    on 1,000 MNIST digits per weight is in docs/upsample_guidance.md."""
+    """w itself, or for 'auto' defaults.UG_AUTO_W, the weight measured best (docs/upsample_guidance.md): on 1,000
+    digits per weight and two judges, Frechet distance falls from w = 0 to 0.5 at CFG 2 and 3. w = 0 would be the
+    projection (D[x0~] is exactly the low-resolution model's x0), but it leaves the high-resolution pass's speckle;
+    larger weights push the low frequencies past both models, which saturates the strokes and clears it."""
     if w == defaults.UG_AUTO:
-        return 0.0
+        return defaults.UG_AUTO_W
     if isinstance(w, str):
         raise ValueError(f"Upsample Guidance weight must be a number or {defaults.UG_AUTO!r}, got {w!r}")
     return float(w)

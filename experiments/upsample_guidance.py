@@ -166,6 +166,8 @@ def report(args) -> None:
         if not runs:
             continue
         cfg = float(folder.name[3:])
+        if args.cfg and cfg not in args.cfg:
+            continue
         samples = {name: from_uint8(r["images"]) for name, r in runs.items()}
         labels = torch.from_numpy(next(iter(runs.values()))["labels"])
         methods = Methods(argparse.Namespace(**{**vars(args), "cfg": cfg}))
@@ -217,6 +219,7 @@ def main() -> None:
     for name, default in (("--low", "mnist14"), ("--high", "mnist"), ("--sr", "mnist_sr"), ("--sampler", "dpmpp_2m")):
         b.add_argument(name, default=default)
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--cfg", type=float, nargs="*", default=[], help="only these CFG scales (default: all sampled)")
     b.add_argument("--out", default="docs/upsample_guidance")
     for p in (a, b):
         p.add_argument("--samples", default="docs/upsample_guidance/samples")

@@ -44,7 +44,8 @@ def test_upsample_guidance_auto_is_the_rule_s_weight_through_every_layer(mnist14
 
     auto = sample(mnist14, upsample_guidance="auto", height=28, width=28)
     assert torch.equal(auto, sample(mnist14, upsample_guidance=upsample_guidance_weight("auto"), height=28, width=28))
-    assert not torch.equal(auto, sample(mnist14, upsample_guidance=0.5, height=28, width=28))
+    assert not torch.equal(auto, sample(mnist14, upsample_guidance=upsample_guidance_weight("auto") + 0.3, height=28,
+                                        width=28))
     args = ["sample", "--model", "mnist14", "--labels", "7", "--n", "1", "--steps", "2", "--height", "28", "--width",
             "28", "--upsample-guidance", "auto", "--out", str(tmp_path / "a.png")]
     main(args)

@@ -225,6 +225,6 @@ def test_sampling_with_the_auto_weight_keeps_the_exact_data_distribution(sched):
 
 
 def test_the_auto_weight_and_bad_weights():
-    assert upsample_guidance_weight(defaults.UG_AUTO) == 0.0 and upsample_guidance_weight(0.5) == 0.5
+    assert upsample_guidance_weight(defaults.UG_AUTO) == defaults.UG_AUTO_W and upsample_guidance_weight(0.7) == 0.7
     with pytest.raises(ValueError, match="must be a number or 'auto', got 'best'"):
         upsample_guidance_weight("best")
