@@ -130,6 +130,16 @@ def test_page_lists_models_and_samplers(page, server):
     assert [e for e in page.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+def test_upsample_guidance_defaults_to_the_auto_weight(page, server):
+    assert page.find_element(By.ID, "ug-w").get_attribute("value") == "auto"
+    page.find_element(By.ID, "ug").click()
+    fill(page, label=3, steps=2, n=1, seed=5, width=56, height=56)
+    job = generate(page, server)
+    assert job["status"] == "done" and job["request"]["upsample_guidance"] == "auto"
+    fill(page, **{"ug-w": 0.3})
+    assert generate(page, server)["request"]["upsample_guidance"] == 0.3
+
+
 def test_generate_shows_progress_and_lands_in_gallery(page, server):
     page.execute_script("""window.previews = [];
         new MutationObserver(() => window.previews.push(document.getElementById('preview').src))
