@@ -337,7 +337,8 @@ def bootstrap(f: Callable[[Tensor], float], n: int, rounds: int = 200, seed: int
     """The 95% bootstrap interval (2.5% and 97.5% quantiles) of a statistic f(indices) over `rounds` resamples
     of range(n) with replacement."""
     g = torch.Generator().manual_seed(seed)
-    lo, hi = interval(torch.tensor([f(torch.randint(0, n, (n,), generator=g)) for _ in range(rounds)], dtype=torch.float64))
+    values = [f(torch.randint(0, n, (n,), generator=g)) for _ in range(rounds)]
+    lo, hi = interval(torch.tensor(values, dtype=torch.float64))
     return lo, hi
 
 
@@ -399,6 +400,7 @@ def cubic_kernel(a: Tensor, b: Tensor) -> Tensor:
 
 
 def off_diagonal_mean(k: Tensor) -> Tensor:
+    """The mean of a square matrix's entries off its diagonal."""
     n = len(k)
     return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
 
@@ -446,9 +448,10 @@ def judge_table(features: Features, samples: dict[str, Tensor], labels: Tensor |
                 rounds: int = 200, seed: int = 0) -> dict:
     """A ranking that says what it can tell apart: every sample set (all paired: sample i of each set shares its
     label and seed) and the real floor set scored against `reference` (Frechet distance and unbiased KID in the
-    feature space, and, with `classify` (features -> logits), class accuracy), each with a 95% bootstrap interval (`centred_interval`) over samples, and for every set
-    whether it ties the best one: the interval of its paired difference to the best (the same resample of
-    indices for both) contains 0. The floor row is `floor_set`, real digits as many as each sample set."""
+    feature space, and, with `classify` (features -> logits), class accuracy), each with a 95% bootstrap interval
+    over samples (`centred_interval`; accuracy's plain percentile one), and for every set whether it ties the best
+    one: the interval of its paired difference to the best (the same resample of indices for both) holds 0. The
+    floor row is `floor_set`, real images as many as each sample set."""
     ref_feats = extract(features, reference)
     ref_moments = moments(ref_feats)
     k_rr = off_diagonal_mean_chunked(ref_feats)
@@ -460,7 +463,8 @@ def judge_table(features: Features, samples: dict[str, Tensor], labels: Tensor |
     n, g = n.pop(), torch.Generator().manual_seed(seed)
     full = {name: scores_of(j, torch.arange(n), ref_moments, k_rr) for name, j in sets.items()}
     draws = [torch.randint(0, n, (n,), generator=g) for _ in range(rounds)]
-    boot = {name: torch.tensor([scores_of(j, i, ref_moments, k_rr) for i in draws], dtype=torch.float64) for name, j in sets.items()}
+    boot = {name: torch.tensor([scores_of(j, i, ref_moments, k_rr) for i in draws], dtype=torch.float64)
+            for name, j in sets.items()}
     table = {}
     methods = [name for name in sets if name in samples]
     for m, metric in enumerate(METRICS):
@@ -471,8 +475,8 @@ def judge_table(features: Features, samples: dict[str, Tensor], labels: Tensor |
         for name in sets:
             row = table.setdefault(name, {})
             row[metric] = full[name][m]
-            spread = interval if metric == "accuracy" else lambda v, e=full[name][m]: centred_interval(e, v)
-            row[f"{metric}_ci"] = spread(boot[name][:, m])
+            values = boot[name][:, m]
+            row[f"{metric}_ci"] = interval(values) if metric == "accuracy" else centred_interval(row[metric], values)
             if name in samples:
                 lo, hi = centred_interval(full[name][m] - full[best][m], boot[name][:, m] - boot[best][:, m])
                 row[f"{metric}_ties_best"] = name == best or lo <= 0 <= hi

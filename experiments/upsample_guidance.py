@@ -158,7 +158,8 @@ def markdown(table: dict, costs: dict[str, float], seconds: dict[str, float]) ->
 def report(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    judges = {"shipped classifier": ev.load_mnist_classifier(), "independent judge": ev.load_mnist_classifier(args.judge)}
+    judges = {"shipped classifier": ev.load_mnist_classifier(),
+              "independent judge": ev.load_mnist_classifier(args.judge)}
     real, floor, floor_labels = ev.judge_sets(per_class=args.per_class)
     results, text = {"per_class": args.per_class, "judges": list(judges), "scales": {}}, []
     for folder in sorted(Path(args.samples).glob("cfg*"), key=lambda p: float(p.name[3:])):
