@@ -30,14 +30,11 @@ from tqdm.auto import tqdm
 
 from diffusekit import evaluation as ev
 from diffusekit.bundled import model_folder
+from diffusekit.cli import ug_weight_or_auto
 from diffusekit.pipelines import generate, load_pipeline
 
 Stage = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # labels, generator -> images in [-1, 1]
 METHOD = re.compile(r"^(naive|bicubic|sr|native|ug(auto|-?[0-9.]+)|hires([0-9.]+)(\+ug(auto|-?[0-9.]+))?)$")
-
-
-def weight(spec: str) -> float | str:
-    return spec if spec == "auto" else float(spec)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -85,14 +82,14 @@ class Methods:
         if method in ("naive", "native"):
             return self.at(self.low if method == "naive" else self.high, H), False
         if m.group(2):
-            return self.at(self.low, H, upsample_guidance=weight(m.group(2))), False
+            return self.at(self.low, H, upsample_guidance=ug_weight_or_auto(m.group(2))), False
         if method == "bicubic":
             then = lambda x, lab, g: self.bicubic(x)  # noqa: E731
         elif method == "sr":
             then = lambda x, lab, g: generate(self.sr, len(lab), low_res=x, sampler=self.kw["sampler"],  # noqa: E731
                                               steps=self.kw["steps"], generator=g)
         else:
-            extra = {"upsample_guidance": weight(m.group(5))} if m.group(5) else {}
+            extra = {"upsample_guidance": ug_weight_or_auto(m.group(5))} if m.group(5) else {}
             then = lambda x, lab, g: self.at(self.low, H, image=self.bicubic(x), strength=float(m.group(3)),  # noqa: E731
                                              **extra)(lab, g)
         return (lambda lab, g: then(next(self.first), lab, g)), True

@@ -64,6 +64,8 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
       defaults.DECODE_MEMORY, tiled above, `Pipeline.decode`);
     - `callback(i, t, x, prediction)` after every step; `sampler_options` (eta, variance, order) go to the sampler.
     A state that turns NaN / inf raises FloatingPointError naming the first such step."""
+    if upsample_guidance is not None:  # 'auto' -> its weight, once
+        upsample_guidance = upsample_guidance_weight(upsample_guidance)
     check_settings(n, steps, cfg, upsample_guidance, ug_eta, denoising_start, denoising_end, output, cfg_until)
     size = tuple(semantic_map.shape[-2:]) if torch.is_tensor(semantic_map) else pipe.resolution  # the default
     H, W = height or size[0], width or size[1]
@@ -85,15 +87,13 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     return z if output == "latent" else finish(pipe, z, task, image, vae_tile)
 
 
-def check_settings(n: int, steps: int, cfg: float, upsample_guidance: float | str | None, ug_eta: float,
+def check_settings(n: int, steps: int, cfg: float, upsample_guidance: float | None, ug_eta: float,
                    denoising_start: float, denoising_end: float, output: str, cfg_until: float) -> None:
     """Refuse settings no model could run (ValueError naming them)."""
     if n < 1 or steps < 1:
         raise ValueError(f"n and steps must be positive, got n={n}, steps={steps}")
     if not 0 < cfg_until <= 1:
         raise ValueError(f"cfg_until must be in (0, 1], got {cfg_until}")
-    if upsample_guidance is not None:
-        upsample_guidance = upsample_guidance_weight(upsample_guidance)
     if not math.isfinite(cfg) or (upsample_guidance is not None and not math.isfinite(upsample_guidance)):
         raise ValueError(f"guidance weights must be finite, got {cfg=}, {upsample_guidance=}")
     if not 0 <= ug_eta <= 1:
@@ -125,7 +125,7 @@ def cfg_stop(ts: Tensor, cfg_until: float) -> float:
 
 
 def guided(denoiser: Denoiser, pipe: Pipeline, cond: dict[str, Tensor], negative: Sequence[str] | None, cfg: float,
-           t_stop: float, task: TaskInputs, upsample_guidance: float | str | None, ug_eta: float, size: tuple[int, int],
+           t_stop: float, task: TaskInputs, upsample_guidance: float | None, ug_eta: float, size: tuple[int, int],
            wrap: Callable[[Denoiser], Denoiser] | None) -> Denoiser:
     """The network's `denoiser` wrapped in CFG (unless scale 1, or nothing to guide by: a concatenated image alone
     is no condition; only at times above t_stop), inpainting's blending, Upsample Guidance, and `wrap`, in that
@@ -135,8 +135,7 @@ def guided(denoiser: Denoiser, pipe: Pipeline, cond: dict[str, Tensor], negative
     if task.keep is not None:
         denoiser = Inpaint(denoiser, pipe.schedule, task.known, task.keep)
     if upsample_guidance is not None:
-        denoiser = UpsampleGuidance(denoiser, pipe.schedule, upsample_factor(pipe, *size),
-                                    upsample_guidance_weight(upsample_guidance), ug_eta)
+        denoiser = UpsampleGuidance(denoiser, pipe.schedule, upsample_factor(pipe, *size), upsample_guidance, ug_eta)
     return wrap(denoiser) if wrap is not None else denoiser
 
 
