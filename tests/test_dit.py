@@ -85,6 +85,28 @@ def test_positions_at_other_grids():
     assert torch.allclose(seen["x"], patches + torch.from_numpy(mae_sincos(16, 3, 5)).float(), atol=1e-6)
 
 
+@torch.no_grad()
+def test_interpolated_positions():
+    """Position interpolation: on a grid larger than the trained one the positions span the trained range, which
+    is what diffusers' PatchEmbed does by default (base_size = the trained grid); the trained grid is unchanged."""
+    dm = tiny_diffusers_dit()  # trained on 8 x 8 inputs: 4 x 4 tokens
+    model = convert(dm)
+    model.interpolate_positions = True
+    x, t, y = inputs(16, 16)  # 8 x 8 tokens
+    assert model.position_scale(8, 8) == (0.5, 0.5)
+    assert (model(x, t, y) - dm(x, t, y).sample).abs().max() < 1e-4
+    table = sincos_2d(16, 8, 8, model.position_scale(8, 8)).reshape(8, 8, 16)
+    assert torch.equal(table[::2, ::2].reshape(16, 16), sincos_2d(16, 4, 4))  # every other token: a trained one
+    plain = model(x, t, y)
+    model.interpolate_positions = False
+    assert (model(x, t, y) - plain).abs().max() > 1e-2  # extrapolated positions give another prediction
+    x, t, y = inputs(8, 8)
+    on = model(x, t, y)
+    model.interpolate_positions = True
+    assert torch.equal(model(x, t, y), on)  # the trained grid, and smaller ones, keep token indices
+    assert model.position_scale(2, 4) == (1.0, 1.0) and model.position_scale(4, 12) == (1.0, 1 / 3)
+
+
 def test_adaln_zero_init_is_identity():
     model = DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5))
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0])

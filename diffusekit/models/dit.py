@@ -3,7 +3,10 @@
 x [B, C, H, W] -> p x p patches -> tokens + 2-D sin-cos positions -> adaLN-Zero blocks driven by
 c = time embedding + label embedding -> final adaLN + linear -> unpatchify -> [B, C (2C), H, W].
 Positions are computed in forward for the input's token grid, so the model runs at any size divisible
-by p. The pieces (blocks, final layer, positions) are shared with MM-DiT (mmdit.py).
+by p; with `interpolate_positions` set, a grid larger than the trained one (input_size / p) gets its
+positions scaled to span the trained range instead of extrapolating past it (position interpolation,
+Chen et al. 2023, as for length extrapolation in language models). The pieces (blocks, final layer,
+positions) are shared with MM-DiT (mmdit.py).
 """
 
 from __future__ import annotations
@@ -26,18 +29,21 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def sincos_2d(dim: int, h: int, w: int, scale: float = 1.0, device: torch.device | None = None) -> Tensor:
+def sincos_2d(dim: int, h: int, w: int, scale: float | tuple[float, float] = 1.0,
+              device: torch.device | None = None) -> Tensor:
     """2-D sin-cos positions of an h x w token grid -> [h*w, dim] float64 (MAE, DiT).
 
     The first half of each vector encodes the column, the second the row, each as [sin, cos] of
-    (index * scale) at frequencies 10000^(-i / (dim/4)); tokens are in row-major order."""
+    (index * scale) at frequencies 10000^(-i / (dim/4)); tokens are in row-major order. `scale` is one
+    factor or (row, column) factors."""
     omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4))
+    row_scale, col_scale = scale if isinstance(scale, tuple) else (scale, scale)
 
-    def embed(n: int) -> Tensor:  # (n, dim/2)
-        args = (torch.arange(n, dtype=torch.float64, device=device) * scale)[:, None] * omega
+    def embed(n: int, step: float) -> Tensor:  # (n, dim/2)
+        args = (torch.arange(n, dtype=torch.float64, device=device) * step)[:, None] * omega
         return torch.cat([args.sin(), args.cos()], dim=-1)
 
-    cols, rows = embed(w), embed(h)
+    cols, rows = embed(w, col_scale), embed(h, row_scale)
     return torch.cat([cols[None].expand(h, -1, -1), rows[:, None].expand(-1, w, -1)], dim=-1).reshape(h * w, dim)
 
 
@@ -181,7 +187,16 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, mlp_norm_eps=cfg.mlp_norm_eps)
                                     for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)
+        self.interpolate_positions = False
         init_weights(self)
+
+    def position_scale(self, h: int, w: int) -> tuple[float, float]:
+        """(row, column) factors of the token indices: 1, or trained grid / grid along each axis larger than
+        the trained grid when `interpolate_positions` is set."""
+        n = self.config.input_size // self.config.patch_size
+        if not self.interpolate_positions:
+            return 1.0, 1.0
+        return min(1.0, n / h), min(1.0, n / w)
 
     @property
     def downsample_factor(self) -> int:
@@ -217,7 +232,7 @@ class DiT(nn.Module):
         c = self.embed_condition(t, class_labels, x.shape[0], x.dtype)  # (B, D)
         x = self.x_embedder(x)  # (B, D, h, w)
         h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2) + sincos_2d(D, h, w, device=x.device).to(x.dtype)  # (B, h*w, D)
+        x = x.flatten(2).transpose(1, 2) + sincos_2d(D, h, w, self.position_scale(h, w), x.device).to(x.dtype)
         for block in self.blocks:
             x = block(x, c)  # (B, h*w, D)
         return unpatchify(self.final_layer(x, c), h, w, p)  # (B, C_out, H, W)
