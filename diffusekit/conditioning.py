@@ -378,6 +378,10 @@ class Conditioner:
             cond["time_ids"] = micro_conditioning(orig, crop, size)
         return {k: v.to(device) for k, v in cond.items()}
 
+    def forget_null(self) -> None:
+        """Drop the cached empty-prompt encoding (the text encoder's weights changed, e.g. by a LoRA)."""
+        self._empty = None
+
     def null(self, cond: dict[str, Tensor], negative: Sequence[str] | None = None) -> dict[str, Tensor]:
         """The null condition for each of cond's samples: null class, empty prompt (or the negative
         prompts, one or one per sample); micro-conditioning is kept."""

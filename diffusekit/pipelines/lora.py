@@ -1,0 +1,114 @@
+"""LoRAs on a pipeline's UNet and CLIP text encoders (SPEC's denoiser and text encoder, W + s dW per file).
+
+Merged (the default), the updates are added to the weights once, so sampling costs what it costs without them;
+the original values of the changed parameters are kept, and `remove` puts them back bit-exactly. Unmerged, each
+adapted layer gets a forward hook adding s (alpha / r) up(down(x)) to its output: a cost per step, but the
+scales can change between generations (`scales`) without touching the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..conditioning import SDXLTextEncoder, TextEncoder
+from ..interop.diffusers_unet import unet_rules
+from ..interop.ldm_unet import LDM_UNET
+from ..interop.lora import LoRAError, LoRALayer, Target, read_lora, renamer, resolve, text_rule
+from ..models.unet import UNet
+from .pipeline import Pipeline
+
+
+def components(pipe: Pipeline) -> dict[str, tuple[nn.Module, list]]:
+    """The pipeline's networks a LoRA can adapt, by the component names of LoRA files, with the renamings from
+    the files' module names to ours (UNet: diffusers' names, then LDM's as in SDXL kohya files)."""
+    out: dict[str, tuple[nn.Module, list]] = {}
+    if isinstance(pipe.net, UNet):
+        out["unet"] = (pipe.net, [renamer(unet_rules(pipe.net.config)), renamer(LDM_UNET)])
+    te = pipe.text_encoder
+    encoders = ([te.clip_l, te.clip_g] if isinstance(te, SDXLTextEncoder) else [te] if isinstance(te, TextEncoder)
+                else [])
+    for name, enc in zip(("text_encoder", "text_encoder_2"), encoders):
+        if enc.is_clip:
+            out[name] = (enc.model, [text_rule])
+    return out
+
+
+class LoRAs:
+    """LoRA files with their scales, applied to `pipe` (merged, or by hooks with merge=False) until `remove` (or
+    the end of a with block). Every layer of every file is resolved and checked first: a LoRAError naming the
+    first layer that does not fit leaves the pipeline unchanged."""
+
+    def __init__(self, pipe: Pipeline, files: Sequence[tuple[str | Path, float]], merge: bool = True):
+        nets = components(pipe)
+        self.pipe, self.merge, self.scales = pipe, merge, [float(s) for _, s in files]
+        self.layers: list[tuple[int, LoRALayer, nn.Module, Target]] = []
+        for i, (path, _) in enumerate(files):
+            for layer in read_lora(path):
+                if layer.component not in nets:
+                    raise LoRAError(f"{path}: adapts the {layer.component}, which this model lacks (it has: "
+                                    f"{', '.join(nets) or 'no UNet or CLIP text encoder'})")
+                net, rules = nets[layer.component]
+                self.layers.append((i, layer, net, resolve(layer, net, rules)))
+        self.saved: dict[tuple[int, str], Tensor] = {}
+        self.hooks = []
+        self._apply()
+
+    def _apply(self) -> None:
+        if not self.merge:
+            self.hooks = [net.get_submodule(t.name.rpartition(".")[0]).register_forward_hook(self._hook(i, layer, t))
+                          for i, layer, net, t in self.layers]
+        else:
+            with torch.no_grad():
+                for i, layer, net, t in self.layers:
+                    w = net.get_parameter(t.name)
+                    self.saved.setdefault((id(net), t.name), w.detach().clone())
+                    w[t.rows] = (w[t.rows].float() + self.scales[i] * layer.delta().reshape(w[t.rows].shape)).to(w.dtype)
+        self.pipe.conditioner.forget_null()
+
+    def _hook(self, i: int, layer: LoRALayer, t: Target):
+        r = layer.down.shape[0]
+        gain = (layer.alpha / r) if layer.alpha is not None else 1.0
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            x, s = inputs[0], self.scales[i] * gain
+            if s == 0:
+                return output
+            down, up = layer.down.to(x), layer.up.to(x)
+            if isinstance(module, nn.Conv2d):
+                y = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
+                output[:, t.rows] += s * y
+            else:
+                output[..., t.rows] += s * F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
+            return output
+        return hook
+
+    def set_scales(self, scales: Sequence[float]) -> None:
+        """New scales, one per file (unmerged only: merged weights would have to be redone)."""
+        if self.merge:
+            raise ValueError("the scales of merged LoRAs are fixed; apply them with merge=False to change them")
+        if len(scales) != len(self.scales):
+            raise ValueError(f"expected {len(self.scales)} scales, got {len(scales)}")
+        self.scales[:] = map(float, scales)
+        self.pipe.conditioner.forget_null()
+
+    def remove(self) -> None:
+        """Take the LoRAs off: the saved original values back (bit-exact), or the hooks removed."""
+        for h in self.hooks:
+            h.remove()
+        with torch.no_grad():
+            for _, _, net, t in self.layers:
+                if (key := (id(net), t.name)) in self.saved:
+                    net.get_parameter(t.name).copy_(self.saved.pop(key))
+        self.hooks = []
+        self.pipe.conditioner.forget_null()
+
+    def __enter__(self) -> LoRAs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

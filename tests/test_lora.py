@@ -1,0 +1,175 @@
+"""LoRA files on a tiny SD 1.x-shaped pipeline: diffusers / PEFT and kohya files give what diffusers'
+load_lora_weights + fuse_lora(lora_scale=s) gives, merged and unmerged; scale 0 and removal are bit-exact; bad
+files are refused naming the layer, with the model unchanged."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from diffusekit.interop.lora import LoRAError, kohya_module, read_lora
+from diffusekit.pipelines.foreign import load_diffusers_pipeline
+from diffusekit.pipelines.lora import LoRAs
+
+from .test_autoencoder import max_diff
+from .test_interop import _one_thread, tiny_sd_folder  # noqa: F401  (the fixture runs these tests on one thread)
+from .test_unet import inputs as unet_inputs
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2")  # attention, SD 1.x's conv proj_in, MLP
+TEXT_TARGETS = ("q_proj", "v_proj", "fc1")
+RANK, ALPHA, TEXT_RANK = 4, 8.0, 2
+PROMPTS = ["a cat", "a dog and a cat"]
+
+
+def lora_factors(unet, text_encoder) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Random down / up factors for the attention, projection, MLP and resnet conv1 (LoCon) layers of a diffusers
+    UNet and the q / v / fc1 layers of a CLIP text encoder, by (component, module name)."""
+    g, out = torch.Generator().manual_seed(0), {}
+    for component, model, targets, r in (("unet", unet, UNET_TARGETS, RANK),
+                                         ("text_encoder", text_encoder, TEXT_TARGETS, TEXT_RANK)):
+        for name, m in model.named_modules():
+            if name.endswith(targets) or (component == "unet" and name.endswith("resnets.0.conv1")):
+                w = m.weight
+                out[component, name] = (0.1 * torch.randn(r, *w.shape[1:], generator=g),
+                                        0.1 * torch.randn(w.shape[0], r, *[1] * (w.ndim - 2), generator=g))
+    return out
+
+
+def peft_file(path, factors) -> None:
+    """diffusers' own layout: unet.<module>.lora_A/B.weight, the PEFT alphas in the metadata."""
+    state = {f"{c}.{name}.lora_{ab}.weight": t for (c, name), f in factors.items() for ab, t in zip("AB", f)}
+    meta = {}
+    for c, r, alpha in (("unet", RANK, ALPHA), ("text_encoder", TEXT_RANK, 1.0)):  # as LoraConfig.to_dict() saves
+        meta |= {f"{c}.r": r, f"{c}.lora_alpha": alpha, f"{c}.target_modules": [n for cc, n in factors if cc == c]}
+    save_file(state, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+
+
+def kohya_file(path, factors) -> None:
+    """kohya / A1111's layout: lora_unet_<module with _>.lora_down/up.weight and .alpha."""
+    state = {}
+    for (c, name), (down, up) in factors.items():
+        key = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[c] + name.replace(".", "_")
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                  f"{key}.alpha": torch.tensor(ALPHA if c == "unet" else 1.0)}
+    save_file(state, path)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    folder, parts = tiny_sd_folder(tmp_path_factory.mktemp("sd"), tmp_path_factory.mktemp("vocab") / "files")
+    factors = lora_factors(parts["unet"], parts["text_encoder"])
+    files = {"peft": folder / "peft.safetensors", "kohya": folder / "kohya.safetensors"}
+    peft_file(files["peft"], factors)
+    kohya_file(files["kohya"], factors)
+    return folder, parts, files
+
+
+def outputs(unet, encode, parts):
+    """The UNet's prediction on fixed inputs and the prompts' token embeddings."""
+    x, t, theirs, kw = unet_inputs(parts["unet"])
+    return unet(x, t, **kw), encode(PROMPTS)
+
+
+@torch.no_grad()
+def diffusers_outputs(folder, file, scale: float):
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(file)
+    ref.fuse_lora(lora_scale=scale)
+    x, t, theirs, _ = unet_inputs(ref.unet)
+    ids = ref.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    return ref.unet(x, t, **theirs).sample, ref.text_encoder(ids.input_ids).last_hidden_state
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+@torch.no_grad()
+def test_lora_matches_diffusers_fuse(sd, fmt, scale):
+    folder, parts, files = sd
+    pipe = load_diffusers_pipeline(folder)
+    plain = outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts)
+    # diffusers 0.42 reads a kohya file's text-encoder attention layers into names transformers 5 drops (only the
+    # MLP's load), so the text encoder's reference is always the PEFT file of the same factors
+    want = diffusers_outputs(folder, files[fmt], scale)[0], diffusers_outputs(folder, files["peft"], scale)[1]
+    for merge in (True, False):
+        with LoRAs(pipe, [(files[fmt], scale)], merge=merge):
+            got = outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts)
+        for ours, theirs, base in zip(got, want, plain):
+            assert max_diff(ours, theirs) < 1e-4
+            if scale == 0:
+                assert torch.equal(ours, base)  # no LoRA, bit-exactly
+            else:
+                assert max_diff(ours, base) > 1e-2  # the LoRA changes both networks
+        assert all(torch.equal(a, b) for a, b in zip(outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts),
+                                                     plain))  # removed: the model as it was, bit-exactly
+
+
+@torch.no_grad()
+def test_two_loras_and_changing_scales(sd):
+    """Two files add up (merged); unmerged, the scales change between calls without touching the weights."""
+    folder, parts, files = sd
+    pipe = load_diffusers_pipeline(folder)
+    weights = {k: v.clone() for k, v in pipe.net.state_dict().items()}
+    with LoRAs(pipe, [(files["peft"], 0.25), (files["kohya"], 0.5)]):
+        both = outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts)
+    with LoRAs(pipe, [(files["peft"], 0.75)]):
+        one = outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts)
+    assert all(max_diff(a, b) < 1e-5 for a, b in zip(both, one))  # the same layers: 0.25 + 0.5 = 0.75
+    hooked = LoRAs(pipe, [(files["peft"], 0.75)], merge=False)
+    assert all(max_diff(a, b) < 1e-5 for a, b in zip(outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts),
+                                                     one))
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.net.state_dict().items())
+    hooked.set_scales([0.0])
+    assert torch.equal(outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts)[0],
+                       pipe.net(*unet_inputs(parts["unet"])[:2], **unet_inputs(parts["unet"])[3]))
+    hooked.remove()
+    with pytest.raises(ValueError, match="merge=False"):
+        LoRAs(pipe, [(files["peft"], 1.0)]).set_scales([0.5])
+
+
+def test_bad_lora_files(sd, tmp_path):
+    folder, parts, files = sd
+    pipe = load_diffusers_pipeline(folder)
+    before = {k: v.clone() for k, v in pipe.net.state_dict().items()}
+    save_file({"model.weight": torch.zeros(2, 2)}, tmp_path / "none.safetensors")
+    with pytest.raises(LoRAError, match="no LoRA layers"):
+        LoRAs(pipe, [(tmp_path / "none.safetensors", 1.0)])
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a file")
+    with pytest.raises(LoRAError, match="not a readable LoRA file"):
+        read_lora(tmp_path / "corrupt.safetensors")
+    state = load_file(files["kohya"])
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    state[key] = torch.zeros(RANK, 7)  # made for a model of another width
+    save_file(state, tmp_path / "wide.safetensors")
+    with pytest.raises(LoRAError, match=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q .*shape"):
+        LoRAs(pipe, [(files["peft"], 1.0), (tmp_path / "wide.safetensors", 1.0)])
+    sdxl = {"lora_unet_input_blocks_7_1_transformer_blocks_3_attn1_to_q.lora_down.weight": torch.zeros(RANK, 8),
+            "lora_unet_input_blocks_7_1_transformer_blocks_3_attn1_to_q.lora_up.weight": torch.zeros(8, RANK)}
+    save_file(sdxl, tmp_path / "sdxl.safetensors")
+    with pytest.raises(LoRAError, match="input_blocks.7.1.transformer_blocks.3.attn1.to_q .*lacks"):
+        LoRAs(pipe, [(tmp_path / "sdxl.safetensors", 1.0)])
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)},
+              tmp_path / "te2.safetensors")
+    with pytest.raises(LoRAError, match="text_encoder_2, which this model lacks"):
+        LoRAs(pipe, [(tmp_path / "te2.safetensors", 1.0)])
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, tmp_path / "half.safetensors")
+    with pytest.raises(LoRAError, match="conv_in lacks its up factor"):
+        read_lora(tmp_path / "half.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in pipe.net.state_dict().items())  # nothing was changed
+
+
+@pytest.mark.parametrize("kohya, dotted", [
+    ("down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0",
+     "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"),
+    ("mid_block_resnets_1_time_emb_proj", "mid_block.resnets.1.time_emb_proj"),
+    ("up_blocks_2_attentions_1_proj_in", "up_blocks.2.attentions.1.proj_in"),
+    ("input_blocks_4_1_transformer_blocks_0_ff_net_0_proj", "input_blocks.4.1.transformer_blocks.0.ff.net.0.proj"),
+    ("text_model_encoder_layers_11_self_attn_out_proj", "text_model.encoder.layers.11.self_attn.out_proj"),
+    ("text_model_encoder_layers_0_mlp_fc2", "text_model.encoder.layers.0.mlp.fc2"),
+    ("output_blocks_2_0_skip_connection", "output_blocks.2.0.skip_connection"),
+])
+def test_kohya_names(kohya, dotted):
+    assert kohya_module(kohya) == dotted
