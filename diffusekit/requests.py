@@ -27,6 +27,7 @@ from .images import load_image, load_map
 from .guidance import NoisyClassifier
 from .pipelines import Pipeline, generate, load_pipeline
 from .pipelines.inputs import check_inputs
+from .pipelines.lora import LoRAs
 from .samplers import DDPM_VARIANCES, SAMPLERS, Callback, taking
 from .schedules import SPACINGS, img2img_grid
 from .validation import Check, at_least, available_device, did_you_mean, finite, within
@@ -40,6 +41,23 @@ def ug_weight(w: float | str) -> str | None:
     if w == defaults.UG_AUTO or (not isinstance(w, str) and (w == -1 or 0 <= w <= defaults.UG_MAX)):
         return None
     return f"must be {defaults.UG_AUTO!r}, -1 (off) or in [0, {defaults.UG_MAX:g}], got {w!r}"
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """A LoRA given as FILE or FILE:SCALE -> (file, scale); the scale is 1 when no number follows the last ':'."""
+    path, colon, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if colon else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def lora_file(spec: str) -> str | None:
+    """A check for one LoRA spec: an existing file, a finite scale."""
+    path, scale = parse_lora(spec)
+    if not Path(path).is_file():
+        return f"{spec!r}: no LoRA file at {path}"
+    return finite(scale) and f"{spec!r}: the scale {finite(scale)}"
 
 
 def fraction(v: float) -> str | None:
@@ -70,6 +88,7 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "cache_depth": at_least(0),
     "vae_tile": at_least(0),
     "upsample_guidance": ug_weight,
+    "lora": lambda specs: next(filter(None, map(lora_file, specs)), None),
     "ug_eta": within(0, 1),
     "height": at_least(1),
     "width": at_least(1),
@@ -118,6 +137,7 @@ class Request:
     layout: str | None = None  # layout models' boxes: "red circle 0.1 0.1 0.4 0.4; ..." or JSON (parse_layout)
     strength: float | None = None  # img2img / inpaint; None: the task's default
     text_encoder: str | None = None  # text encoder folder for an SD single file
+    lora: list[str] | None = None  # LoRA files, each FILE or FILE:SCALE (scale 1 if not given), on the model
     refiner: str | None = None  # a second model that finishes the schedule
     refiner_start: float = defaults.REFINER_START
     dtype: str = defaults.DTYPE  # auto, fp32, bf16, fp16
@@ -229,7 +249,8 @@ def plan(request: Request, pipe: Pipeline) -> Plan:
     r = dataclasses.replace(r, height=r.height or size[0], width=r.width or size[1],
                             labels=r.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None),
                             input_image=r.input_image and str(Path(r.input_image).resolve()),
-                            mask=r.mask and str(Path(r.mask).resolve()), map=r.map and str(Path(r.map).resolve()))
+                            mask=r.mask and str(Path(r.mask).resolve()), map=r.map and str(Path(r.map).resolve()),
+                            lora=r.lora and [f"{Path(f).resolve()}:{s:g}" for f, s in map(parse_lora, r.lora)])
     if r.vae_tile and (pipe.autoencoder is None or r.vae_tile % pipe.factor):
         why = "has no autoencoder" if pipe.autoencoder is None else f"has factor {pipe.factor}"
         raise ValueError(f"vae_tile is an option of latent models, in multiples of their autoencoder's factor; "
@@ -314,12 +335,14 @@ def batch(r: Request, pipe: Pipeline) -> tuple[dict[str, Any], list[str] | None,
 def run(p: Plan, pipe: Pipeline, refiner: Pipeline | None = None, callback: Callback | None = None,
         progress: bool = False, classifier: NoisyClassifier | None = None) -> Tensor:
     """Sample a plan's images (seeded by its request), the refiner, if given, finishing the schedule from
-    refiner_start on, with the request's classifier (loaded: `load_classifier`) guiding."""
+    refiner_start on, with the request's classifier (loaded: `load_classifier`) guiding and its LoRAs merged into
+    the first model for the run."""
     kw = dict(p.generate_kwargs(), generator=torch.Generator().manual_seed(p.request.seed), callback=callback,
               progress=progress, classifier=classifier)
-    if refiner is None:
-        return generate(pipe, p.images, **p.inputs, **kw)
-    z = generate(pipe, p.images, **p.inputs, **kw, denoising_end=p.request.refiner_start, output="latent")
+    with LoRAs(pipe, [parse_lora(spec) for spec in p.request.lora or ()]):  # merged for the run, then taken off
+        if refiner is None:
+            return generate(pipe, p.images, **p.inputs, **kw)
+        z = generate(pipe, p.images, **p.inputs, **kw, denoising_end=p.request.refiner_start, output="latent")
     return generate(refiner, p.images, **kw, denoising_start=p.request.refiner_start, latents=z)
 
 

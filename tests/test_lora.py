@@ -4,16 +4,20 @@ files are refused naming the layer, with the model unchanged."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
+from diffusekit.cli import main
+from diffusekit.images import read_parameters
 from diffusekit.interop.lora import LoRAError, kohya_module, read_lora
 from diffusekit.pipelines.foreign import load_diffusers_pipeline
 from diffusekit.pipelines.lora import LoRAs
 
 from .test_autoencoder import max_diff
+from .test_outputs import fails, pixels
 from .test_interop import _one_thread, tiny_sd_folder  # noqa: F401  (the fixture runs these tests on one thread)
 from .test_unet import inputs as unet_inputs
 
@@ -173,3 +177,23 @@ def test_bad_lora_files(sd, tmp_path):
 ])
 def test_kohya_names(kohya, dotted):
     assert kohya_module(kohya) == dotted
+
+
+def test_lora_from_the_command_line(sd, tmp_path, capsys):
+    """--lora FILE:SCALE changes the images, scale 0 does not, the PNG records the LoRA and --from-png reruns it;
+    a missing file or a bad scale is refused before loading anything."""
+    folder, parts, files = sd
+    base = ["sample", "--model", str(folder), "--prompt", "a cat", "--n", "1", "--steps", "2", "--dtype", "fp32"]
+
+    def image(name: str, *extra: str):
+        main([*base, *extra, "--out", str(tmp_path / f"{name}.png")])
+        return pixels(tmp_path / name / "000.png")
+
+    plain, zero, half = image("plain"), image("zero", "--lora", f"{files['kohya']}:0"), image(
+        "half", "--lora", f"{files['peft']}:0.5")
+    assert np.array_equal(plain, zero) and not np.array_equal(plain, half)
+    assert read_parameters(tmp_path / "half" / "000.png")["lora"] == [f"{files['peft'].resolve()}:0.5"]
+    main(["sample", "--from-png", str(tmp_path / "half" / "000.png"), "--out", str(tmp_path / "again.png")])
+    assert np.array_equal(pixels(tmp_path / "again" / "000.png"), half)
+    for bad, message in ((str(tmp_path / "missing.safetensors"), "no LoRA file"), (f"{files['peft']}:inf", "scale")):
+        assert message in fails([*base, "--lora", bad, "--out", str(tmp_path / "bad.png")], capsys)

@@ -67,8 +67,10 @@ class LoRAs:
                 for i, layer, net, t in self.layers:
                     w = net.get_parameter(t.name)
                     self.saved.setdefault((id(net), t.name), w.detach().clone())
-                    w[t.rows] = (w[t.rows].float() + self.scales[i] * layer.delta().reshape(w[t.rows].shape)).to(w.dtype)
-        self.pipe.conditioner.forget_null()
+                    d = layer.delta().reshape(w[t.rows].shape)
+                    w[t.rows] = (w[t.rows].float() + self.scales[i] * d).to(w.dtype)
+        if self.layers:
+            self.pipe.conditioner.forget_null()
 
     def _hook(self, i: int, layer: LoRALayer, t: Target):
         r = layer.down.shape[0]
@@ -105,7 +107,8 @@ class LoRAs:
                 if (key := (id(net), t.name)) in self.saved:
                     net.get_parameter(t.name).copy_(self.saved.pop(key))
         self.hooks = []
-        self.pipe.conditioner.forget_null()
+        if self.layers:
+            self.pipe.conditioner.forget_null()
 
     def __enter__(self) -> LoRAs:
         return self
