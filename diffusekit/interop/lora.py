@@ -7,13 +7,15 @@ it changes (and the rows of a fused q / k / v projection) through the same renam
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checkpoints import CheckpointError, read_state_dict
 from .common import PART, rename_key
@@ -46,12 +48,19 @@ class LoRALayer:
     up: Tensor
     alpha: float | None = None
 
-    def delta(self) -> Tensor:
-        """dW = (alpha / r) up @ down in the weight's shape [out, in(, kh, kw)], float32."""
-        r = self.down.shape[0]
-        d = self.up.float().flatten(1) @ self.down.float().flatten(1)
-        return (d * (self.alpha / r if self.alpha is not None else 1.0)).reshape(
-            self.up.shape[0], *self.down.shape[1:])
+    @property
+    def gain(self) -> float:
+        """alpha / r (1 without an alpha)."""
+        return self.alpha / self.down.shape[0] if self.alpha is not None else 1.0
+
+    def add_to(self, w: Tensor, scale: float) -> None:
+        """w += scale dW in place, dW = (alpha / r) up @ down, for w the adapted rows [out, in(, kh, kw)] of a weight
+        of any dtype (accumulated in float32; one pass over fp32 weights)."""
+        up, down, gain = self.up.flatten(1).float().to(w.device), self.down.flatten(1).float().to(w.device), self.gain
+        if w.dtype == torch.float32:
+            w.view(w.shape[0], -1).addmm_(up, down, alpha=scale * gain)
+        else:
+            w.copy_(w.float().reshape(w.shape[0], -1).addmm_(up, down, alpha=scale * gain).reshape(w.shape))
 
 
 def kohya_module(name: str) -> str:
@@ -120,10 +129,10 @@ class Target:
     rows: slice
 
 
-def resolve(layer: LoRALayer, model: nn.Module, rules: list[Callable[[str], str | None]]) -> Target:
-    """The parameter of `model` that `layer` changes: the first of `rules` (renamings of the source's
-    `<module>.weight`) naming one of its parameters, with the update's shape checked; LoRAError otherwise."""
-    params = dict(model.named_parameters())
+def resolve(layer: LoRALayer, params: dict[str, Tensor], rules: list[Callable[[str], str | None]]) -> Target:
+    """The parameter of a model (`params`: its named parameters) that `layer` changes: the first of `rules`
+    (renamings of the source's `<module>.weight`) naming one of them, with the update's shape checked; LoRAError
+    otherwise."""
     for rule in rules:
         name = rule(f"{layer.module}.weight")
         base, _, part = (name or "").partition(PART)
@@ -132,10 +141,12 @@ def resolve(layer: LoRALayer, model: nn.Module, rules: list[Callable[[str], str 
             order = base.split(".")[-2] if part else ""
             n = w.shape[0] // len(order) if part else w.shape[0]
             rows = slice(order.index(part) * n, (order.index(part) + 1) * n) if part else slice(None)
-            d = layer.delta()
-            if d.numel() != w[rows].numel() or d.shape[:2] != w[rows].shape[:2]:
-                raise LoRAError(f"LoRA layer {layer.module} ({layer.component}) has shape {tuple(d.shape)}, the "
-                                f"model's {base} {tuple(w[rows].shape)} (a LoRA made for another model?)")
+            shape = (layer.up.shape[0], *layer.down.shape[1:])  # dW's: [out, in(, kh, kw)]
+            if layer.up.shape[1] != layer.down.shape[0] or math.prod(shape) != w[rows].numel() or \
+                    shape[:2] != w[rows].shape[:2]:
+                raise LoRAError(f"LoRA layer {layer.module} ({layer.component}) has shape {shape} (rank "
+                                f"{layer.down.shape[0]}), the model's {base} {tuple(w[rows].shape)} (a LoRA made "
+                                f"for another model?)")
             return Target(base, rows)
     raise LoRAError(f"LoRA layer {layer.module} ({layer.component}) names a module this model lacks (a LoRA made "
                     f"for another model, e.g. SDXL on SD 1.x?)")

@@ -45,6 +45,7 @@ class LoRAs:
 
     def __init__(self, pipe: Pipeline, files: Sequence[tuple[str | Path, float]], merge: bool = True):
         nets = components(pipe)
+        params = {name: dict(net.named_parameters()) for name, (net, _) in nets.items()}
         self.pipe, self.merge, self.scales = pipe, merge, [float(s) for _, s in files]
         self.layers: list[tuple[int, LoRALayer, nn.Module, Target]] = []
         for i, (path, _) in enumerate(files):
@@ -53,7 +54,7 @@ class LoRAs:
                     raise LoRAError(f"{path}: adapts the {layer.component}, which this model lacks (it has: "
                                     f"{', '.join(nets) or 'no UNet or CLIP text encoder'})")
                 net, rules = nets[layer.component]
-                self.layers.append((i, layer, net, resolve(layer, net, rules)))
+                self.layers.append((i, layer, net, resolve(layer, params[layer.component], rules)))
         self.saved: dict[tuple[int, str], Tensor] = {}
         self.hooks = []
         self._apply()
@@ -66,18 +67,15 @@ class LoRAs:
             with torch.no_grad():
                 for i, layer, net, t in self.layers:
                     w = net.get_parameter(t.name)
-                    self.saved.setdefault((id(net), t.name), w.detach().clone())
-                    d = layer.delta().reshape(w[t.rows].shape)
-                    w[t.rows] = (w[t.rows].float() + self.scales[i] * d).to(w.dtype)
+                    if (id(net), t.name) not in self.saved:
+                        self.saved[id(net), t.name] = w.detach().clone()
+                    layer.add_to(w[t.rows], self.scales[i])
         if self.layers:
             self.pipe.conditioner.forget_null()
 
     def _hook(self, i: int, layer: LoRALayer, t: Target):
-        r = layer.down.shape[0]
-        gain = (layer.alpha / r) if layer.alpha is not None else 1.0
-
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            x, s = inputs[0], self.scales[i] * gain
+            x, s = inputs[0], self.scales[i] * layer.gain
             if s == 0:
                 return output
             down, up = layer.down.to(x), layer.up.to(x)
