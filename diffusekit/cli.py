@@ -218,6 +218,9 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     p.add_argument("--labels", type=parse_labels, help="class labels, e.g. 0-9 or 1,3,7 (class-conditional models)")
     p.add_argument("--prompt", action=Rows, help="prompt (text-conditional models; repeat for rows)")
     p.add_argument("--negative", action=Rows, help="negative prompt (one, or one per prompt)")
+    p.add_argument("--prompt-syntax", type=field("prompt_syntax"), default=defaults.PROMPT_SYNTAX,
+                   help="a1111: (word:1.3), (word), [word] weights, BREAK, and prompts beyond 77 tokens in chunks "
+                        "(docs/prompts.md); plain: brackets are text, prompts are cut at 77 tokens")
     p.add_argument("--n", type=field("n", int), default=defaults.N, help="images per label / prompt (grid columns)")
     guidance_options(p, sampler_help)
     p.add_argument("--classifier", help="classifier guidance by a noise-aware classifier (bundled: "

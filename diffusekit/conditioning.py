@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import build
+from .prompts import A1111, BREAK, PLAIN, chunks, parse_attention
 from .models.clip import CLIPTextConfig, CLIPTextTransformer
 from .checkpoints import load_weights, read_state_dict
 
@@ -87,7 +88,15 @@ class TextEncoder(nn.Module):
         return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
     @torch.no_grad()
-    def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def forward(self, prompts: Sequence[str], syntax: str = PLAIN) -> tuple[Tensor, Tensor]:
+        """prompts -> (tokens, pooled). With syntax 'a1111', CLIP encoders read attention weights and encode as
+        many 75-token chunks as the longest prompt needs (tokens [B, 77 k, d]; prompts/SPEC: `emphasize`); other
+        encoders get the text with the syntax removed."""
+        if syntax == A1111 and self.is_clip:
+            tokens, pooled, weights = self.encode_chunks(prompts)
+            return emphasize(tokens, weights, self.max_length), pooled
+        if syntax == A1111:
+            prompts = [strip_syntax(p, type(self.model).__name__) for p in prompts]
         ids, mask = self.tokenize(list(prompts))
         if self.is_clip:
             tokens, pooled = self.model(ids, self.layer)
@@ -97,6 +106,52 @@ class TextEncoder(nn.Module):
         tokens = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
         mask = mask[..., None].to(tokens.dtype)
         return tokens.float(), ((tokens * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+
+    @torch.no_grad()
+    def encode_chunks(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """A1111 prompts -> unweighted tokens [B, 77 k, d] of k chunks each (BOS, 75 tokens, EOS, padding; the
+        shorter prompts padded with empty chunks), the first chunk's pooled vector [B, d'] and the tokens'
+        weights [B, 77 k]."""
+        tok, width = self.tokenizer, self.max_length - 2
+        comma = tok.bpe.token_to_id(",</w>")
+        per_prompt = []
+        for prompt in prompts:
+            pairs: list[tuple[int, float]] = []
+            for text, w in parse_attention(prompt):
+                pairs += [(-1, 1.0)] if (text, w) == (BREAK, -1.0) else [
+                    (i, w) for i in tok.bpe.encode(text, add_special_tokens=False).ids]
+            per_prompt.append(chunks(pairs, comma, width))
+        k = max(map(len, per_prompt))
+        ids, weights = [], []
+        for cs in per_prompt:
+            for c in cs + [[]] * (k - len(cs)):
+                ids.append([tok.bos, *(i for i, _ in c), tok.eos] + [tok.pad] * (width - len(c)))
+                weights.append([1.0, *(w for _, w in c), 1.0] + [1.0] * (width - len(c)))
+        device = next(self.model.parameters()).device
+        tokens, pooled = self.model(torch.tensor(ids, device=device), self.layer)
+        B, L = len(prompts), self.max_length
+        return (tokens.float().reshape(B, k * L, -1), pooled.float().reshape(B, k, -1)[:, 0],
+                torch.tensor(weights, device=device).reshape(B, k * L))
+
+
+def emphasize(tokens: Tensor, weights: Tensor, chunk: int) -> Tensor:
+    """A1111's emphasis: each token's embedding times its weight, then each chunk of each prompt rescaled to its
+    mean before (A1111 takes the mean over the whole batch; per prompt, a prompt's embedding does not depend on
+    the others sampled with it). tokens [B, L, d], weights [B, L], L a multiple of `chunk`."""
+    B, L, d = tokens.shape
+    z = tokens.reshape(B, L // chunk, chunk, d)
+    before = z.mean(dim=(2, 3), keepdim=True)
+    z = z * weights.reshape(B, L // chunk, chunk, 1)
+    after = z.mean(dim=(2, 3), keepdim=True)
+    return (z * torch.where(after != 0, before / after, 1.0)).reshape(B, L, d)
+
+
+def strip_syntax(prompt: str, encoder: str) -> str:
+    """A1111 text without its brackets and weights, for encoders that take no weights (a warning if it had any)."""
+    segments = parse_attention(prompt)
+    if any(w not in (1.0, -1.0) for _, w in segments):
+        warnings.warn(f"prompt weights are read by CLIP text encoders only; this model's {encoder} gets the text")
+    return "".join(" " if (t, w) == (BREAK, -1.0) else t for t, w in segments)
 
 
 class CLIPTokenizer:
@@ -171,8 +226,8 @@ class PromptEncoder(Protocol):
 
     zero_null: bool  # the null condition is all zeros rather than the empty prompt's encoding
 
-    def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """prompts -> (tokens [B, L, d], pooled [B, d_pool])."""
+    def __call__(self, prompts: Sequence[str], syntax: str = PLAIN) -> tuple[Tensor, Tensor]:
+        """prompts -> (tokens [B, L, d], pooled [B, d_pool]) in prompt `syntax` (prompts.SYNTAXES)."""
 
 
 class SDXLTextEncoder(nn.Module):
@@ -184,7 +239,11 @@ class SDXLTextEncoder(nn.Module):
         super().__init__()
         self.clip_l, self.clip_g, self.zero_null = clip_l, clip_g, zero_null
 
-    def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def forward(self, prompts: Sequence[str], syntax: str = PLAIN) -> tuple[Tensor, Tensor]:
+        if syntax == A1111:  # the weights act on both CLIPs' tokens together, as in A1111
+            (tokens_l, _, weights), (tokens_g, pooled, _) = self.clip_l.encode_chunks(prompts), \
+                self.clip_g.encode_chunks(prompts)
+            return emphasize(torch.cat([tokens_l, tokens_g], dim=-1), weights, self.clip_l.max_length), pooled
         (tokens_l, _), (tokens_g, pooled) = self.clip_l(prompts), self.clip_g(prompts)
         return torch.cat([tokens_l, tokens_g], dim=-1), pooled
 
@@ -202,11 +261,15 @@ class SD3TextEncoder(nn.Module):
         super().__init__()
         self.clip_l, self.clip_g, self.t5, self.width, self.t5_length = clip_l, clip_g, t5, width, t5_length
 
-    def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        (tokens_l, pooled_l), (tokens_g, pooled_g) = self.clip_l(prompts), self.clip_g(prompts)
-        clip = torch.cat([tokens_l, tokens_g], dim=-1)
+    def forward(self, prompts: Sequence[str], syntax: str = PLAIN) -> tuple[Tensor, Tensor]:
+        """With syntax 'a1111' the CLIPs read weights (in their first chunk); T5 gets the text without the syntax."""
+        (tokens_l, pooled_l), (tokens_g, pooled_g) = self.clip_l(prompts, syntax), self.clip_g(prompts, syntax)
+        if tokens_l.shape[1] > self.clip_l.max_length:
+            warnings.warn(f"SD3 takes one chunk of {self.clip_l.max_length} CLIP tokens; the rest is cut (T5 reads "
+                          f"{self.t5_length})")
+        clip = torch.cat([tokens_l, tokens_g], dim=-1)[:, : self.clip_l.max_length]
         clip = F.pad(clip, (0, self.width - clip.shape[-1]))  # (B, 77, width)
-        t5 = self.t5(prompts)[0] if self.t5 is not None else clip.new_zeros(len(clip), self.t5_length, self.width)
+        t5 = self.t5(prompts, syntax)[0] if self.t5 is not None else clip.new_zeros(len(clip), self.t5_length, self.width)
         return torch.cat([clip, t5], dim=1), torch.cat([pooled_l, pooled_g], dim=-1)
 
 
@@ -340,9 +403,10 @@ class Conditioner:
     def __call__(self, n: int, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
                  size: tuple[int, int] | None = None, original_size: Tensor | None = None,
                  crop_top_left: Tensor | None = None, device: torch.device | str = "cpu",
-                 layout: Tensor | None = None) -> dict[str, Tensor]:
-        """The conditions of n samples of `size` (H, W): class labels, prompt tokens (and pooled
-        vector), layouts [n, N, 5] of boxes, micro-conditioning (original size defaults to `size`, crop to (0, 0))."""
+                 layout: Tensor | None = None, syntax: str = PLAIN) -> dict[str, Tensor]:
+        """The conditions of n samples of `size` (H, W): class labels, prompt tokens (and pooled vector; prompts
+        in `syntax`), layouts [n, N, 5] of boxes, micro-conditioning (original size defaults to `size`, crop to
+        (0, 0))."""
         cond: dict[str, Tensor] = {}
         if "layout" in self.keys:
             if layout is None or layout.ndim != 3 or len(layout) != n:
@@ -365,7 +429,7 @@ class Conditioner:
                 raise ValueError("this model is text-conditional but no text encoder is loaded with it")
             if prompts is None or len(prompts) != n:
                 raise ValueError(f"this model is text-conditional: pass {n} prompts")
-            cond["context"], pooled = self.text_encoder(list(prompts))
+            cond["context"], pooled = self.text_encoder(list(prompts), syntax)
             if "pooled" in self.keys:
                 cond["pooled"] = pooled
         elif prompts is not None:
@@ -382,9 +446,19 @@ class Conditioner:
         """Drop the cached empty-prompt encoding (the text encoder's weights changed, e.g. by a LoRA)."""
         self._empty = None
 
-    def null(self, cond: dict[str, Tensor], negative: Sequence[str] | None = None) -> dict[str, Tensor]:
+    def empty(self) -> tuple[Tensor, Tensor]:
+        """The empty prompt's (tokens [1, L, d], pooled [1, d']) (zeros for SDXL's force_zeros_for_empty_prompt),
+        encoded once."""
+        if self._empty is None:
+            self._empty = self.text_encoder([""])
+            if self.text_encoder.zero_null:
+                self._empty = tuple(map(torch.zeros_like, self._empty))
+        return self._empty
+
+    def null(self, cond: dict[str, Tensor], negative: Sequence[str] | None = None,
+             syntax: str = PLAIN) -> dict[str, Tensor]:
         """The null condition for each of cond's samples: null class, empty prompt (or the negative
-        prompts, one or one per sample); micro-conditioning is kept."""
+        prompts in `syntax`, one or one per sample); micro-conditioning is kept."""
         null = dict(cond)
         if "layout" in cond:
             null["layout"] = torch.where(torch.arange(5, device=cond["layout"].device) == 0, -1.0, 0.0).expand_as(
@@ -400,17 +474,28 @@ class Conditioner:
                 negative = list(negative) * (n if len(negative) == 1 else 1)
                 if len(negative) != n:
                     raise ValueError(f"pass one negative prompt or one per sample ({n}), got {len(negative)}")
-                tokens, pooled = self.text_encoder(negative)
+                tokens, pooled = self.text_encoder(negative, syntax)
             else:
-                if self._empty is None:
-                    self._empty = self.text_encoder([""])
-                    if self.text_encoder.zero_null:  # SDXL's force_zeros_for_empty_prompt
-                        self._empty = tuple(map(torch.zeros_like, self._empty))
-                tokens, pooled = (v.expand(n, *v.shape[1:]) for v in self._empty)
+                tokens, pooled = (v.expand(n, *v.shape[1:]) for v in self.empty())
             null["context"] = tokens.to(cond["context"].device)
             if "pooled" in cond:
                 null["pooled"] = pooled.to(cond["pooled"].device)
         return null
+
+    def match_lengths(self, cond: dict[str, Tensor], null: dict[str, Tensor]) -> tuple[dict, dict]:
+        """cond and null with prompt tokens of the same length: the shorter (fewer 77-token chunks) padded with the
+        empty prompt's chunk, as A1111 pads the negative prompt (and the prompt, when the negative is longer)."""
+        if "context" not in cond or cond["context"].shape[1] == null["context"].shape[1]:
+            return cond, null
+        L = max(cond["context"].shape[1], null["context"].shape[1])
+        chunk = self.empty()[0]
+
+        def pad(c: dict[str, Tensor]) -> dict[str, Tensor]:
+            x = c["context"]
+            extra = chunk.to(x).expand(len(x), -1, -1).repeat(1, (L - x.shape[1]) // chunk.shape[1], 1)
+            return {**c, "context": torch.cat([x, extra], dim=1)}
+
+        return pad(cond), pad(null)
 
     def drop(self, cond: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
         """Replace the conditions of the samples where mask is True by the null condition (training's

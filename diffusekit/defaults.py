@@ -21,3 +21,4 @@ REFINER_START = 0.8  # the fraction of the steps after which a refiner takes ove
 DECODE_MEMORY = 2 * 2**30  # bytes of activations a latent decode may take; larger ones are decoded in tiles
 DTYPE = "auto"  # the network's compute precision: bf16 where the device computes it natively, else fp32
 DEVICE = "cpu"
+PROMPT_SYNTAX = "a1111"  # A1111 attention weights and prompts beyond 77 tokens (prompts.py); "plain" turns them off

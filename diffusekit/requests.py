@@ -28,6 +28,7 @@ from .guidance import NoisyClassifier
 from .pipelines import Pipeline, generate, load_pipeline
 from .pipelines.inputs import check_inputs
 from .pipelines.lora import LoRAs
+from .prompts import SYNTAXES
 from .samplers import DDPM_VARIANCES, SAMPLERS, Callback, taking
 from .schedules import SPACINGS, img2img_grid
 from .validation import Check, at_least, available_device, did_you_mean, finite, within
@@ -77,6 +78,7 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "task": named("task", TASKS),
     "n": at_least(1),
     "sampler": named("sampler", SAMPLERS),
+    "prompt_syntax": named("prompt syntax", SYNTAXES),
     "steps": at_least(1),
     "cfg": finite,
     "classifier_scale": finite,
@@ -112,6 +114,7 @@ class Request:
     labels: list[int] | None = None  # class labels, one grid row each (class-conditional models)
     prompt: list[str] | None = None  # prompts, one grid row each (text-conditional models)
     negative: list[str] | None = None  # one negative prompt, or one per prompt
+    prompt_syntax: str = defaults.PROMPT_SYNTAX  # a1111: attention weights and prompts beyond 77 tokens; plain
     n: int = defaults.N  # images per label / prompt
     seed: int = defaults.SEED
     sampler: str = defaults.SAMPLER
@@ -233,7 +236,7 @@ class Plan:
     def generate_kwargs(self) -> dict[str, Any]:
         """generate's keywords for the request, but the generator, callback and progress."""
         r = self.request
-        return dict(**self.conditions, height=r.height, width=r.width, sampler=r.sampler, steps=r.steps, cfg=r.cfg,
+        return dict(**self.conditions, prompt_syntax=r.prompt_syntax, height=r.height, width=r.width, sampler=r.sampler, steps=r.steps, cfg=r.cfg,
                     spacing=r.spacing, cfg_until=r.cfg_until, cache=r.cache, cache_depth=r.cache_depth,
                     upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta, vae_tile=r.vae_tile,
                     classifier_scale=r.classifier_scale, **self.options)

@@ -34,6 +34,7 @@ from .bundled import MODELS, model_folder
 from .images import grid_image, map_colours, standard_mode
 from .outputs import Destination, parameters, version, write
 from .pipelines import Pipeline
+from .prompts import SYNTAXES
 from .requests import TASKS, Limits, Plan, Request, check_task, load_model, plan, run
 from .samplers import SAMPLERS
 from .validation import did_you_mean
@@ -65,6 +66,8 @@ class JobRequest(BaseModel):
     prompt: list[Annotated[str, Prompt]] | None = Field(None, max_length=16, description="prompts, one row each")
     negative: list[Annotated[str, Prompt]] | None = Field(None, max_length=16,
                                                           description="one negative prompt, or one per prompt")
+    prompt_syntax: Literal[SYNTAXES] = Field(Request.prompt_syntax, description="a1111 (weights, long prompts) or "
+                                                                             "plain")
     labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=1000,
                                                              description="class labels; null: every class")
     n: int = Field(Request.n, ge=1, description="images per class / prompt")
@@ -448,7 +451,7 @@ class Server:
             "models": list(self.model_info.values()), "samplers": list(SAMPLERS),
             "defaults": {"sampler": Request.sampler, "steps": Request.steps, "cfg": Request.cfg,
                          "ug_eta": Request.ug_eta, "cfg_until": Request.cfg_until, "cache": Request.cache,
-                         "n": Request.n, "strength": defaults.STRENGTH,
+                         "n": Request.n, "strength": defaults.STRENGTH, "prompt_syntax": Request.prompt_syntax,
                          "upsample_guidance": defaults.UG_W}, "limits": dataclasses.asdict(self.limits)}
 
     def prepare(self, req: JobRequest) -> Job:

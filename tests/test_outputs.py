@@ -66,7 +66,7 @@ def test_pngs_record_their_parameters(tmp_path):
     main(SAMPLE + ["--seed", "7", "--cfg", "2", "--spacing", "trailing", "--out", str(out)])
     grid = read_parameters(out)
     assert grid == {"model": "mnist", "model_path": str(MODELS["mnist"].resolve()), "labels": [3, 5],
-                    "prompt": None, "negative": None, "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
+                    "prompt": None, "negative": None, "prompt_syntax": "a1111", "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "classifier": None, "classifier_scale": 1.0,
                     "spacing": "trailing", "eta": None, "variance": None, "cfg_until": 1.0, "cache": 1, "cache_depth": 1,
                     "upsample_guidance": None, "ug_eta": 1.0,

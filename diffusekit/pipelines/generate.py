@@ -15,6 +15,7 @@ from ..guidance import CFG, ClassifierGuidance, Inpaint, NoisyClassifier, Upsamp
 from ..parametrization import Prediction
 from ..samplers import Callback, get_sampler
 from ..schedules import img2img_grid
+from ..prompts import SYNTAXES
 from .inputs import TaskInputs, check_inputs, encode_inputs, randn, upsample_factor
 
 if TYPE_CHECKING:
@@ -24,8 +25,8 @@ OUTPUTS = ("image", "latent")
 
 
 def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
-             negative: Sequence[str] | None = None, height: int | None = None, width: int | None = None,
-             sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
+             negative: Sequence[str] | None = None, prompt_syntax: str = defaults.PROMPT_SYNTAX,
+             height: int | None = None, width: int | None = None, sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
              spacing: str | None = None, cfg_until: float = defaults.CFG_UNTIL, cache: int = defaults.CACHE,
              cache_depth: int = defaults.CACHE_DEPTH, upsample_guidance: float | str | None = None,
              ug_eta: float = defaults.UG_ETA,
@@ -41,7 +42,9 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     """Sample n images [n, C, H, W] in [-1, 1] (or, with output='latent', the diffusion state):
     conditions -> CFG -> inpainting -> Upsample Guidance -> (wrap) -> sampler -> decode.
 
-    - text-to-image / class-conditional / unconditional: `prompts` (+ `negative`), `labels`, or neither;
+    - text-to-image / class-conditional / unconditional: `prompts` (+ `negative`), `labels`, or neither; prompts
+      in `prompt_syntax` (`prompts.SYNTAXES`: 'a1111' reads attention weights and encodes beyond 77 tokens in
+      chunks, 'plain' does neither);
     - image-to-image (SDEdit): `image` [1 or n, C, H, W] in [-1, 1] is encoded and noised to the time
       a fraction `strength` in (0, 1] down the grid; strength 1 starts from pure noise (text-to-image);
     - inpainting: `image` and `mask` [1 or n, 1, H, W] (1 = generate); dedicated 9-channel models also
@@ -67,16 +70,22 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     if upsample_guidance is not None:  # 'auto' -> its weight, once
         upsample_guidance = upsample_guidance_weight(upsample_guidance)
     check_settings(n, steps, cfg, upsample_guidance, ug_eta, denoising_start, denoising_end, output, cfg_until)
+    if prompt_syntax not in SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {prompt_syntax!r}")
     size = tuple(semantic_map.shape[-2:]) if torch.is_tensor(semantic_map) else pipe.resolution  # the default
     H, W = height or size[0], width or size[1]
     shape, image, mask, low_res, semantic_map = check_inputs(pipe, n, H, W, image, mask, low_res, upsample_guidance,
                                                              semantic_map)
-    cond = conditions(pipe, n, labels, prompts, (H, W), original_size, crop_top_left, target_size, layout)
+    cond = conditions(pipe, n, labels, prompts, (H, W), original_size, crop_top_left, target_size, layout,
+                      prompt_syntax)
     task = encode_inputs(pipe, shape, image, mask, low_res, generator, semantic_map)
     if task.concat is not None:
         cond["concat"] = task.concat
+    null = None
+    if pipe.conditioner.keys and cfg != 1:
+        cond, null = pipe.conditioner.match_lengths(cond, pipe.conditioner.null(cond, negative, prompt_syntax))
     ts = grid(pipe, steps, spacing, denoising_start, denoising_end, strength if image is not None else None)
-    denoiser = guided(pipe.denoiser(cache, cache_depth), pipe, cond, negative, cfg, cfg_stop(ts, cfg_until), task,
+    denoiser = guided(pipe.denoiser(cache, cache_depth), pipe, null, cfg_stop(ts, cfg_until), cfg, task,
                       upsample_guidance, ug_eta, (H, W), wrap)
     if classifier is not None:
         if "class_labels" not in cond:
@@ -106,15 +115,17 @@ def check_settings(n: int, steps: int, cfg: float, upsample_guidance: float | No
 
 def conditions(pipe: Pipeline, n: int, labels: Tensor | None, prompts: Sequence[str] | None, size: tuple[int, int],
                original_size: tuple[int, int] | None, crop_top_left: tuple[int, int],
-               target_size: tuple[int, int] | None, layout: Tensor | None = None) -> dict[str, Tensor]:
-    """The network's conditions for n samples: labels, prompts or layouts (1 or n), and SDXL's
-    micro-conditioning."""
+               target_size: tuple[int, int] | None, layout: Tensor | None = None,
+               prompt_syntax: str = defaults.PROMPT_SYNTAX) -> dict[str, Tensor]:
+    """The network's conditions for n samples: labels, prompts (in `prompt_syntax`) or layouts (1 or n), and
+    SDXL's micro-conditioning."""
     original = tuple(original_size or target_size or size)
     if layout is not None:
         layout = layout.expand(n, -1, -1) if layout.ndim == 3 and len(layout) == 1 else layout
     return pipe.conditioner(n, labels, prompts, size=tuple(target_size or size), device=pipe.device,
                             original_size=torch.tensor([original]).expand(n, 2),
-                            crop_top_left=torch.tensor([crop_top_left]).expand(n, 2), layout=layout)
+                            crop_top_left=torch.tensor([crop_top_left]).expand(n, 2), layout=layout,
+                            syntax=prompt_syntax)
 
 
 def cfg_stop(ts: Tensor, cfg_until: float) -> float:
@@ -124,14 +135,13 @@ def cfg_stop(ts: Tensor, cfg_until: float) -> float:
     return -math.inf if k == len(ts) - 1 else ts[k].item()
 
 
-def guided(denoiser: Denoiser, pipe: Pipeline, cond: dict[str, Tensor], negative: Sequence[str] | None, cfg: float,
-           t_stop: float, task: TaskInputs, upsample_guidance: float | None, ug_eta: float, size: tuple[int, int],
+def guided(denoiser: Denoiser, pipe: Pipeline, null: dict[str, Tensor] | None, t_stop: float, cfg: float,
+           task: TaskInputs, upsample_guidance: float | None, ug_eta: float, size: tuple[int, int],
            wrap: Callable[[Denoiser], Denoiser] | None) -> Denoiser:
-    """The network's `denoiser` wrapped in CFG (unless scale 1, or nothing to guide by: a concatenated image alone
-    is no condition; only at times above t_stop), inpainting's blending, Upsample Guidance, and `wrap`, in that
-    order."""
-    if pipe.conditioner.keys and cfg != 1:
-        denoiser = CFG(denoiser, cfg, pipe.conditioner.null(cond, negative), t_stop)
+    """The network's `denoiser` wrapped in CFG against the `null` condition (None: no CFG; only at times above
+    t_stop), inpainting's blending, Upsample Guidance, and `wrap`, in that order."""
+    if null is not None:
+        denoiser = CFG(denoiser, cfg, null, t_stop)
     if task.keep is not None:
         denoiser = Inpaint(denoiser, pipe.schedule, task.known, task.keep)
     if upsample_guidance is not None:
