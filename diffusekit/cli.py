@@ -380,7 +380,11 @@ def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     try:
         if getattr(args, "from_png", None):
-            args = make_parser(read_request(args.from_png)).parse_args(argv)
+            saved = read_request(args.from_png)
+            given = sys.argv[1:] if argv is None else argv
+            if "model" not in saved and not any(a == "--model" or a.startswith("--model=") for a in given):
+                raise ValueError(f"{args.from_png} names no model file (an A1111 PNG): pass --model as well")
+            args = make_parser(saved).parse_args(argv)
         args.func(args)
     except KeyboardInterrupt as e:
         if args.debug:

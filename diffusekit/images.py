@@ -155,13 +155,20 @@ def next_numbered(folder: str | Path, tag: str) -> Path:
             k += 1
 
 
-def _save(img: Image.Image, path: str | Path, parameters: dict[str, Any] | None) -> Path:
-    """Write `img`, with `parameters` as JSON in the PNG text chunk 'parameters' (PNG only), atomically: to a
-    temporary file renamed into place, so that an interrupted write never leaves a partial image."""
+PARAMETERS = "diffusekit"  # the PNG text chunk of our parameters (JSON); A1111's text goes in 'parameters'
+
+
+def _save(img: Image.Image, path: str | Path, parameters: dict[str, Any] | None, text: str | None = None) -> Path:
+    """Write `img`, with `parameters` as JSON in the PNG text chunk PARAMETERS and `text` (A1111's parameters
+    text, which other tools show) in the chunk 'parameters' (PNG only), atomically: to a temporary file renamed
+    into place, so that an interrupted write never leaves a partial image."""
     info = None
-    if parameters is not None:
+    if parameters is not None or text is not None:
         info = PngInfo()
-        info.add_text("parameters", json.dumps(parameters))
+        if parameters is not None:
+            info.add_text(PARAMETERS, json.dumps(parameters))
+        if text is not None:
+            info.add_itxt("parameters", text)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -173,31 +180,38 @@ def _save(img: Image.Image, path: str | Path, parameters: dict[str, Any] | None)
     return path
 
 
-def save_image(x: Tensor, path: str | Path, parameters: dict[str, Any] | None = None) -> Path:
-    """Write one image [C, H, W] in [-1, 1], optionally with its generation parameters."""
-    return _save(to_pil(x[None])[0], path, parameters)
+def save_image(x: Tensor, path: str | Path, parameters: dict[str, Any] | None = None, text: str | None = None) -> Path:
+    """Write one image [C, H, W] in [-1, 1], optionally with its generation parameters (and A1111's text)."""
+    return _save(to_pil(x[None])[0], path, parameters, text)
+
+
+def png_text(path: str | Path) -> dict[str, str]:
+    """A PNG's text chunks."""
+    with Image.open(path) as img:
+        return dict(getattr(img, "text", {}))
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:
-    """The generation parameters that `save_image` / `save_grid` stored in a PNG."""
-    with Image.open(path) as img:
-        text = getattr(img, "text", {}).get("parameters")
+    """The generation parameters that `save_image` / `save_grid` stored in a PNG (in the PARAMETERS chunk, or as
+    JSON in 'parameters', where earlier versions kept them)."""
+    chunks = png_text(path)
+    text = chunks.get(PARAMETERS, chunks.get("parameters"))
     if text is None:
-        raise ValueError(f"{path} holds no generation parameters (no 'parameters' PNG text chunk)")
+        raise ValueError(f"{path} holds no generation parameters (no {PARAMETERS!r} or 'parameters' PNG text chunk)")
     try:
         parameters = json.loads(text)
     except ValueError:
         parameters = None
     if not isinstance(parameters, dict):
-        raise ValueError(f"{path}: its 'parameters' PNG text chunk is not a JSON object")
+        raise ValueError(f"{path}: its parameters are not diffusekit's JSON object")
     return parameters
 
 
 def save_grid(x: Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None,
-              scale: int = 1, pad: int = 2, parameters: dict[str, Any] | None = None) -> Path:
+              scale: int = 1, pad: int = 2, parameters: dict[str, Any] | None = None, text: str | None = None) -> Path:
     """Write images [N, C, H, W] in [-1, 1] as a grid of rows of `nrow`, optionally labelled on the left and
-    with their generation parameters (PNG)."""
-    return _save(grid_image(x, nrow, row_labels, scale, pad), path, parameters)
+    with their generation parameters (and A1111's text) (PNG)."""
+    return _save(grid_image(x, nrow, row_labels, scale, pad), path, parameters, text)
 
 
 def grid_image(x: Tensor, nrow: int, row_labels: Sequence[str] | None = None, scale: int = 1,

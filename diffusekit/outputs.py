@@ -5,6 +5,8 @@ it, from which `read_request` restores that request (`--from-png`)."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,22 @@ from typing import Any
 from torch import Tensor
 
 from .bundled import MODELS
-from .images import check_output_path, check_writable, next_numbered, read_parameters, save_grid, save_image
-from .requests import FIELDS, Plan, task_of
+from .images import (PARAMETERS, check_output_path, check_writable, next_numbered, png_text, read_parameters,
+                     save_grid, save_image)
+from .requests import FIELDS, Plan, parse_lora, task_of
 from .validation import type_problem
 
 RESTORED = [name for name in FIELDS if name not in ("task", "device", "compile")]  # what a PNG gives back
 OUTDIR = "out"
+A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
+                  "dpmpp_2m": "DPM++ 2M", "dpmpp_sde": "DPM++ SDE", "dpmpp_2s_ancestral": "DPM++ 2S a",
+                  "unipc": "UniPC", "lms": "LMS"}  # our samplers' names in A1111's infotext
+A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}  # spacings that are A1111 schedule types
+A1111_OURS = {"Upsample Guidance": "upsample_guidance", "UG eta": "ug_eta", "Spacing": "spacing",
+              "Prompt syntax": "prompt_syntax", "Class": "labels"}  # keys we add, read back by --from-png
+A1111_IGNORED = ("Model", "Model hash", "Version", "VAE", "VAE hash", "Lora hashes", "TI hashes", "ENSD",
+                 "Emphasis", "Token merging ratio", "Pad conds", "Discard penultimate sigma")  # do not change pixels
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def version() -> str:
@@ -74,27 +86,118 @@ def write(images: Tensor, p: Plan, destination: Destination, model_path: str | P
     written: list[Path] = []
     try:  # each file is written atomically, and the run's files all or none
         for k, (x, mine) in enumerate(zip(images, p.own)):
-            written.append(save_image(x, folder / f"{k:03d}.png", {**record, "image": {"index": k, **mine}}))
-        return save_grid(images, grid, nrow=r.n, row_labels=p.rows, scale=r.scale, parameters=record)
+            own = {**record, "image": {"index": k, **mine}}
+            written.append(save_image(x, folder / f"{k:03d}.png", own, a1111_text(own)))
+        return save_grid(images, grid, nrow=r.n, row_labels=p.rows, scale=r.scale, parameters=record,
+                         text=a1111_text({**record, "image": p.own[0]}))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
 
 
+def a1111_text(record: dict[str, Any]) -> str:
+    """A1111's infotext of one image's parameters (`parameters` + its own condition under 'image'): prompt (with
+    its LoRAs as <lora:name:scale>), 'Negative prompt: ...', then 'Steps: 20, Sampler: DPM++ 2M, ...', with the
+    keys of A1111_OURS for what A1111 lacks, so that PNG Info in A1111, civitai and image browsers show it."""
+    own = record["image"]
+    loras = " ".join(f"<lora:{Path(f).stem}:{s:g}>" for f, s in map(parse_lora, record.get("lora") or ()))
+    spacing = record["spacing"]
+    fields = {"Steps": record["steps"], "Sampler": A1111_SAMPLERS[record["sampler"]],
+              "Schedule type": A1111_SCHEDULES.get(spacing), "CFG scale": record["cfg"], "Seed": record["seed"],
+              "Size": f"{record['width']}x{record['height']}", "Model": Path(record["model_path"]).stem,
+              "Denoising strength": record["strength"] if record.get("input_image") else None,
+              "Spacing": spacing if spacing not in A1111_SCHEDULES else None, "Class": own.get("label"),
+              "Upsample Guidance": record["upsample_guidance"],
+              "UG eta": record["ug_eta"] if record["upsample_guidance"] is not None else None,
+              "Prompt syntax": record["prompt_syntax"] if record["prompt_syntax"] != "a1111" else None,
+              "Version": f"diffusekit {record['diffusekit']}"}
+    line = ", ".join(f"{k}: {quoted(v)}" for k, v in fields.items() if v is not None)
+    prompt = " ".join(filter(None, [own.get("prompt") or "", loras]))
+    negative = own.get("negative") and f"Negative prompt: {own['negative']}"
+    return "\n".join(filter(None, [prompt, negative, line]))
+
+
+def quoted(value: Any) -> str:
+    """An infotext value, quoted as A1111 does when it holds a comma, colon or quote."""
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"') else text
+
+
+def a1111_fields(text: str, source: str) -> tuple[dict[str, Any], str]:
+    """Request fields from A1111's infotext (prompt, negative, steps, sampler and schedule, CFG, seed, size, and
+    our own keys), and the model's name; ValueError naming what cannot be reproduced here (hires fix, img2img,
+    clip skip, LoRA tags, variation seeds, unknown samplers). The model is not among the fields: A1111 names it
+    without a file."""
+    lines = text.strip().split("\n")
+    params = dict(m.groups() for m in A1111_PARAM.finditer(lines[-1])) if "Steps:" in lines[-1] else {}
+    body = lines[:-1] if params else lines
+    negative_at = next((i for i, line in enumerate(body) if line.startswith("Negative prompt:")), len(body))
+    prompt = "\n".join(body[:negative_at]).strip()
+    negative = "\n".join(body[negative_at:]).removeprefix("Negative prompt:").strip()
+    params = {k.strip(): json.loads(v) if v.startswith('"') else v.strip() for k, v in params.items()}
+    if tags := re.findall(r"<(?:lora|lyco|hypernet):([^:>]+)[^>]*>", prompt):
+        raise ValueError(f"{source}: its prompt uses {', '.join(tags)} (A1111 <lora:...> tags): pass the files with "
+                         "--lora FILE:SCALE and --prompt without the tags")
+    refused = [k for k in params if k.startswith(("Hires", "Refiner", "ControlNet", "ADetailer", "Variation seed",
+                                                  "Face restoration", "Mask blur", "Inpaint"))
+               or k in ("Denoising strength", "Tiling") or (k == "Clip skip" and params[k] != "1")]
+    if refused:
+        raise ValueError(f"{source}: A1111's {', '.join(refused)} cannot be reproduced from the infotext here")
+    sampler, spacing = params.get("Sampler", A1111_SAMPLERS["dpmpp_2m"]), None
+    for ours, theirs in A1111_SCHEDULES.items():  # old style: 'DPM++ 2M Karras'
+        if sampler.endswith(f" {theirs}"):
+            sampler, spacing = sampler.removesuffix(f" {theirs}"), ours
+    schedule = params.get("Schedule type", "Automatic")
+    if schedule != "Automatic":
+        spacing = next((k for k, v in A1111_SCHEDULES.items() if v == schedule), None)
+        if spacing is None:
+            raise ValueError(f"{source}: A1111's schedule type {schedule!r} is not one of ours "
+                             f"({', '.join(A1111_SCHEDULES.values())}, Automatic)")
+    names = {v: k for k, v in A1111_SAMPLERS.items()}
+    if sampler not in names:
+        raise ValueError(f"{source}: A1111's sampler {sampler!r} has no counterpart here (we have: "
+                         f"{', '.join(names)})")
+    fields: dict[str, Any] = {"prompt": [prompt] if prompt else None, "negative": [negative] if negative else None,
+                              "sampler": names[sampler], "spacing": params.get("Spacing", spacing)}
+    for key, name, parse in (("Steps", "steps", int), ("CFG scale", "cfg", float), ("Seed", "seed", int)):
+        if key in params:
+            fields[name] = parse(params[key])
+    if "Size" in params:
+        fields["width"], fields["height"] = map(int, params["Size"].split("x"))
+    for key, name in A1111_OURS.items():
+        if key in params and name != "spacing":
+            value = params[key]
+            fields[name] = ([int(value)] if name == "labels" else value if name == "prompt_syntax"
+                            else float(value) if value != "auto" else value)
+    unknown = [k for k in params if k not in (*A1111_IGNORED, *A1111_OURS, "Steps", "Sampler", "Schedule type",
+                                              "CFG scale", "Seed", "Size", "Clip skip")]
+    if unknown:
+        print(f"note: {source}: A1111 fields not read: {', '.join(unknown)}")
+    return fields, params.get("Model", "not named")
+
+
 def read_request(path: str | Path) -> dict[str, Any]:
     """The request fields recorded in a PNG that diffusekit wrote (its grid or one of its images), each checked
-    against its type, with the task they imply and the model as an absolute path unless bundled."""
-    saved = read_parameters(path)
-    if "model" not in saved:
+    against its type, with the task they imply and the model as an absolute path unless bundled; or read from
+    the infotext of a PNG that AUTOMATIC1111 (or a tool writing its format) wrote, without a model."""
+    chunks = png_text(path)
+    a1111 = PARAMETERS not in chunks and chunks.get("parameters", "").lstrip()[:1] not in ("{", "")
+    if a1111:
+        saved, model = a1111_fields(chunks["parameters"], str(path))
+        print(f"{path} was written by AUTOMATIC1111 (model {model}): its parameters are read; the images will "
+              "differ (another noise generator)")
+    else:
+        saved = read_parameters(path)
+    if "model" not in saved and not a1111:
         raise ValueError(f"{path}: its parameters are not those of diffusekit sample (no model)")
     fields = {k: v for k, v in saved.items() if k in RESTORED}
     for key, value in fields.items():
         if problem := type_problem(value, FIELDS[key]):
             raise ValueError(f"{path}: parameter {key} {problem}")
-    if fields["model"] not in MODELS and isinstance(saved.get("model_path"), str):
+    if "model" in fields and fields["model"] not in MODELS and isinstance(saved.get("model_path"), str):
         fields["model"] = saved["model_path"]
-    if saved.get("diffusekit") != version():
+    if not a1111 and saved.get("diffusekit") != version():
         print(f"note: {path} was written by diffusekit {saved.get('diffusekit')}, this is {version()}")
     if isinstance(saved.get("image"), dict):
         print(f"{path} is image {saved['image'].get('index')} of its run: rerunning the run, whose images are "
