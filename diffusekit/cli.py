@@ -26,6 +26,7 @@ TASKS = {  # the subcommands that run a Request, and what each does
     "sample": "generate a PNG grid and its images from a trained model (text-to-image, class-conditional, ...)",
     "img2img": "image-to-image (SDEdit): noise an input image part of the way and denoise it under the conditions",
     "inpaint": "regenerate the white part of a mask in an input image, keeping the rest",
+    "outpaint": "extend an input image's canvas (--outpaint left=PX,right=PX,top=PX,bottom=PX) and fill the new area",
     "upscale": "super-resolution: a model conditioned on the low-resolution image (bundled: mnist_sr, 14 -> 28)",
 }
 
@@ -307,13 +308,20 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     for name, help in TASKS.items():
         p = command(name, sample, help)
         sample_options(p, sampler_help)
-        if name in ("img2img", "inpaint"):
+        if name in ("img2img", "inpaint", "outpaint"):
             p.add_argument("--image", dest="input_image", required=saved is None,
                            help="input image (PNG, JPEG, ...): its size is the output's")
             p.add_argument("--strength", type=field("strength", float), default=defaults.STRENGTH[name],
                            help="how far down the schedule the input is noised: 1 starts from pure noise")
         if name == "inpaint":
             p.add_argument("--mask", required=saved is None, help="mask image of the same size: white is regenerated")
+        if name == "outpaint":
+            p.add_argument("--outpaint", type=field("outpaint"), required=saved is None, metavar="SIDE=PX,...",
+                           help="pixels added on each side, e.g. left=128,right=128 (sides: left, right, top, bottom)")
+        if name in defaults.MASK_BLUR:
+            p.add_argument("--mask-blur", type=field("mask_blur", int), default=defaults.MASK_BLUR[name], metavar="PX",
+                           help="regenerate PX pixels into the kept image and blend the seam over 2 PX pixels "
+                                "(0: a hard edge, the kept pixels exact)")
         if name == "upscale":
             p.add_argument("--image", dest="input_image", required=saved is None,
                            help="the low-resolution image to upscale")

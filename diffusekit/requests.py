@@ -26,14 +26,14 @@ from .conditioning import layout_tensor, parse_layout
 from .images import load_image, load_map
 from .guidance import NoisyClassifier
 from .pipelines import Pipeline, generate, load_pipeline
-from .pipelines.inputs import check_inputs
+from .pipelines.inputs import check_inputs, outpaint_canvas
 from .pipelines.lora import LoRAs
 from .prompts import SYNTAXES
 from .samplers import DDPM_VARIANCES, SAMPLERS, Callback, taking
 from .schedules import SPACINGS, img2img_grid
 from .validation import Check, at_least, available_device, did_you_mean, finite, within
 
-TASKS = ("sample", "img2img", "inpaint", "upscale")
+TASKS = ("sample", "img2img", "inpaint", "outpaint", "upscale")
 SAMPLER_OPTIONS = ("eta", "variance")  # the sampler options a request may set (samplers declare which they take)
 
 
@@ -59,6 +59,29 @@ def lora_file(spec: str) -> str | None:
     if not Path(path).is_file():
         return f"{spec!r}: no LoRA file at {path}"
     return finite(scale) and f"{spec!r}: the scale {finite(scale)}"
+
+
+def parse_outpaint(spec: str) -> dict[str, int]:
+    """'left=128,right=64' -> {'left': 128, 'right': 64} (sides not named extend by 0); ValueError otherwise."""
+    out = {}
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        side, eq, px = part.partition("=")
+        if side not in SIDES or not eq or not px.isdecimal() or side in out:
+            raise ValueError(f"outpaint {spec!r}: expected SIDE=PIXELS[,...] with SIDE in {', '.join(SIDES)}, each "
+                             "once, e.g. left=128,right=128")
+        out[side] = int(px)
+    if not any(out.values()):
+        raise ValueError(f"outpaint {spec!r}: extend at least one side by at least one pixel")
+    return out
+
+
+def outpaint_spec(spec: str) -> str | None:
+    """A check for an outpaint spec (`parse_outpaint`)."""
+    try:
+        parse_outpaint(spec)
+    except ValueError as e:
+        return str(e).removeprefix("outpaint ")
+    return None
 
 
 def fraction(v: float) -> str | None:
@@ -96,11 +119,15 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "width": at_least(1),
     "scale": at_least(1),
     "strength": fraction,
+    "outpaint": outpaint_spec,
+    "mask_blur": at_least(0),
     "refiner_start": within(0, 1),
     "dtype": named("dtype", ("auto", *DTYPES)),
     "device": available_device,
 }
-NEEDS = {"sample": (), "img2img": ("input_image",), "inpaint": ("input_image", "mask"), "upscale": ("input_image",)}
+NEEDS = {"sample": (), "img2img": ("input_image",), "inpaint": ("input_image", "mask"), "outpaint": ("input_image",),
+         "upscale": ("input_image",)}
+SIDES = ("left", "right", "top", "bottom")
 
 
 @dataclass(frozen=True)
@@ -138,7 +165,9 @@ class Request:
     mask: str | None = None  # inpainting mask (a file, white = regenerate)
     map: str | None = None  # semantic map (a file: class indices, or painted in images.MAP_PALETTE) of map models
     layout: str | None = None  # layout models' boxes: "red circle 0.1 0.1 0.4 0.4; ..." or JSON (parse_layout)
-    strength: float | None = None  # img2img / inpaint; None: the task's default
+    strength: float | None = None  # img2img / inpaint / outpaint; None: the task's default
+    outpaint: str | None = None  # outpaint: the pixels added on each side, "left=128,right=128,top=0,bottom=0"
+    mask_blur: int | None = None  # inpaint / outpaint: pixels of soft seam; None: the task's default
     text_encoder: str | None = None  # text encoder folder for an SD single file
     lora: list[str] | None = None  # LoRA files, each FILE or FILE:SCALE (scale 1 if not given), on the model
     refiner: str | None = None  # a second model that finishes the schedule
@@ -152,6 +181,8 @@ class Request:
             object.__setattr__(self, "upsample_guidance", None)
         if self.strength is None and self.task in defaults.STRENGTH:
             object.__setattr__(self, "strength", defaults.STRENGTH[self.task])
+        if self.mask_blur is None and self.task in defaults.MASK_BLUR:
+            object.__setattr__(self, "mask_blur", defaults.MASK_BLUR[self.task])
         self.check_values()
         self.check_inputs()
 
@@ -171,7 +202,12 @@ class Request:
             if needed != (getattr(self, what) is not None):
                 raise ValueError(f"{self.task} {'needs' if needed else 'takes no'} input {what.removeprefix('input_')}")
         if self.strength is not None and self.task not in defaults.STRENGTH:
-            raise ValueError(f"strength is an option of img2img and inpaint, not of {self.task}")
+            raise ValueError(f"strength is an option of img2img, inpaint and outpaint, not of {self.task}")
+        if (self.outpaint is None) == (self.task == "outpaint"):
+            raise ValueError("outpaint needs --outpaint SIDE=PIXELS,..." if self.outpaint is None
+                             else f"--outpaint is an option of outpaint, not of {self.task}")
+        if self.mask_blur is not None and self.task not in defaults.MASK_BLUR:
+            raise ValueError(f"mask_blur is an option of inpaint and outpaint, not of {self.task}")
         if self.labels is not None and (not self.labels or min(self.labels) < 0):
             raise ValueError(f"labels must be non-negative class numbers, got {self.labels}")
         if self.negative and not self.prompt:
@@ -192,8 +228,11 @@ FIELDS: dict[str, Any] = typing.get_type_hints(Request)  # every field's type, f
 
 
 def task_of(fields: dict[str, Any]) -> str:
-    """The task of request fields recorded without one (PNGs record their inputs, not the task): inpaint with a
-    mask, img2img with an input image and a strength, upscale with an input image alone, else sample."""
+    """The task of request fields recorded without one (PNGs record their inputs, not the task): outpaint with
+    its sides, inpaint with a mask, img2img with an input image and a strength, upscale with an input image
+    alone, else sample."""
+    if fields.get("outpaint") is not None:
+        return "outpaint"
     if fields.get("mask") is not None:
         return "inpaint"
     if fields.get("input_image") is not None:
@@ -309,9 +348,13 @@ def task_inputs(r: Request, pipe: Pipeline) -> tuple[dict[str, Tensor], tuple[in
     size = (image.shape[-2] * f, image.shape[-1] * f)
     if r.task == "upscale":
         return {"low_res": image}, size
+    if r.task == "outpaint":
+        image, mask = outpaint_canvas(image, **parse_outpaint(r.outpaint))
+        return {"image": image, "mask": mask, "strength": r.strength, "mask_blur": r.mask_blur, **maps}, \
+            tuple(image.shape[-2:])
     inputs = {"image": image, "strength": r.strength, **maps}
     if r.mask is not None:
-        inputs["mask"] = (load_image(r.mask, 1) + 1) / 2
+        inputs |= {"mask": (load_image(r.mask, 1) + 1) / 2, "mask_blur": r.mask_blur}
     return inputs, size
 
 

@@ -85,6 +85,9 @@ class JobRequest(BaseModel):
     cache_depth: int = Field(Request.cache_depth, ge=0)
     vae_tile: int | None = Field(None, ge=0, description="latent models: decode tile in pixels; 0: whole")
     strength: float | None = Field(None, gt=0, le=1, description="img2img / inpaint; null: the task's default")
+    outpaint: str | None = Field(None, max_length=100, description="outpaint: pixels added per side, "
+                                                                    "\"left=64,right=64,top=0,bottom=0\"")
+    mask_blur: int | None = Field(None, ge=0, le=256, description="inpaint / outpaint: soft seam in pixels")
     image: str | None = Field(None, description="input image: a data URL or base64 (img2img, inpaint, upscale)")
     mask: str | None = Field(None, description="inpainting mask of the image's size, white = regenerate")
     layout: str | None = Field(None, max_length=4000, description="layout models' boxes: \"red circle 0.1 0.1 0.4 "
@@ -451,7 +454,7 @@ class Server:
             "models": list(self.model_info.values()), "samplers": list(SAMPLERS),
             "defaults": {"sampler": Request.sampler, "steps": Request.steps, "cfg": Request.cfg,
                          "ug_eta": Request.ug_eta, "cfg_until": Request.cfg_until, "cache": Request.cache,
-                         "n": Request.n, "strength": defaults.STRENGTH, "prompt_syntax": Request.prompt_syntax,
+                         "n": Request.n, "strength": defaults.STRENGTH, "mask_blur": defaults.MASK_BLUR, "prompt_syntax": Request.prompt_syntax,
                          "upsample_guidance": defaults.UG_W}, "limits": dataclasses.asdict(self.limits)}
 
     def prepare(self, req: JobRequest) -> Job:

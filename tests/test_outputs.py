@@ -71,7 +71,7 @@ def test_pngs_record_their_parameters(tmp_path):
                     "spacing": "trailing", "eta": None, "variance": None, "cfg_until": 1.0, "cache": 1, "cache_depth": 1,
                     "upsample_guidance": None, "ug_eta": 1.0,
                     "height": 28, "width": 28, "vae_tile": None, "scale": 2, "input_image": None, "mask": None, "map": None, "layout": None,
-                    "strength": None,
+                    "strength": None, "outpaint": None, "mask_blur": None,
                     "text_encoder": None, "lora": None, "refiner": None, "refiner_start": 0.8, "dtype": AUTO, "device": "cpu",
                     "diffusekit": version()}
     assert read_parameters(tmp_path / "grid" / "001.png") == {**grid, "image": {"index": 1, "label": 5}}

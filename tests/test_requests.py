@@ -108,7 +108,7 @@ def test_learned_variance_needs_a_learned_sigma_network(mnist14):
     ({"task": "inpaint", "input_image": "a.png"}, "inpaint needs input mask"),
     ({"input_image": "a.png"}, "sample takes no input image"),
     ({"task": "upscale", "input_image": "a.png", "mask": "m.png"}, "upscale takes no input mask"),
-    ({"strength": 0.5}, "strength is an option of img2img and inpaint, not of sample"),
+    ({"strength": 0.5}, "strength is an option of img2img, inpaint and outpaint, not of sample"),
     ({"task": "img2img", "input_image": "a.png", "strength": 0}, "strength must be in (0, 1]"),
     ({"labels": [-1]}, "labels must be non-negative"),
     ({"negative": ["blurry"]}, "a negative prompt needs a prompt"),
@@ -157,7 +157,7 @@ def test_the_model_decides_what_a_request_may_ask(mnist14):
 
 def test_the_pipeline_knows_what_it_is(mnist14):
     sr = load_model("mnist_sr")[0]
-    assert (mnist14.conditioning, mnist14.tasks, mnist14.is_inpainting) == ("class", ("sample", "img2img", "inpaint"),
+    assert (mnist14.conditioning, mnist14.tasks, mnist14.is_inpainting) == ("class", ("sample", "img2img", "inpaint", "outpaint"),
                                                                            False)
     assert (sr.conditioning, sr.tasks, sr.is_inpainting) == ("unconditional", ("upscale",), False)
 
@@ -178,9 +178,12 @@ def test_each_default_lives_in_one_place():
     assert {k: getattr(args, k) for k in table} == table and args.n == Request.n == defaults.N
     assert (args.ug_eta, args.scale, args.refiner_start) == (defaults.UG_ETA, defaults.GRID_SCALE,
                                                              defaults.REFINER_START)
-    inputs = {"img2img": ["--image", "x.png"], "inpaint": ["--image", "x.png", "--mask", "m.png"]}
+    inputs = {"img2img": ["--image", "x.png"], "inpaint": ["--image", "x.png", "--mask", "m.png"],
+              "outpaint": ["--image", "x.png", "--outpaint", "left=8"]}
     for task, strength in defaults.STRENGTH.items():
         assert make_parser().parse_args([task, *inputs[task]]).strength == strength
+    for task, blur in defaults.MASK_BLUR.items():
+        assert make_parser().parse_args([task, *inputs[task]]).mask_blur == blur
 
 
 def test_command_line_types_are_the_requests_checks():

@@ -73,7 +73,7 @@ def test_models_page_and_schema(client):
     models = {m["name"]: m for m in info["models"]}
     assert models["mnist"] | {"dtype": None} == {
         "name": "mnist", "kind": "class", "classes": 10, "resolution": [28, 28], "channels": 1, "factor": 2,
-        "tasks": ["sample", "img2img", "inpaint"], "low_res_factor": 0, "dtype": None, "layout_classes": [],
+        "tasks": ["sample", "img2img", "inpaint", "outpaint"], "low_res_factor": 0, "dtype": None, "layout_classes": [],
         "map_classes": [], "map_colours": []}
     assert models["mnist_sr"]["tasks"] == ["upscale"] and models["mnist_sr"]["low_res_factor"] == 2
     assert info["samplers"] == list(SAMPLERS) and info["limits"]["max_steps"] == 60
@@ -328,7 +328,7 @@ def test_a_text_model_takes_prompt_and_negative_prompt(tmp_path):
     app = create_app([str(folder)], dtype="fp32", outdir=tmp_path / "out")
     with TestClient(app, base_url="http://127.0.0.1") as c:
         info = c.get("/api/models").json()["models"]
-        assert [(m["name"], m["kind"], m["tasks"]) for m in info] == [("sd", "text", ["sample", "img2img", "inpaint"])]
+        assert [(m["name"], m["kind"], m["tasks"]) for m in info] == [("sd", "text", ["sample", "img2img", "inpaint", "outpaint"])]
         job = run(c, prompt=["a cat"], negative=["dog"], n=2, steps=2, seed=0)["job"]
         assert job["status"] == "done", job["error"]
         assert job["parameters"]["prompt"] == ["a cat"] and job["parameters"]["negative"] == ["dog"]

@@ -124,7 +124,7 @@ def test_page_lists_models_and_samplers(page, server):
     assert Select(page.find_element(By.ID, "sampler")).first_selected_option.get_attribute("value") == "dpmpp_2m"
     assert options(page, "label") == [""] + [str(c) for c in range(10)]
     enabled = [o.get_attribute("value") for o in Select(page.find_element(By.ID, "task")).options if o.is_enabled()]
-    assert enabled == ["sample", "img2img", "inpaint"]
+    assert enabled == ["sample", "img2img", "inpaint", "outpaint"]
     assert not page.find_element(By.ID, "prompt").is_displayed()  # a class-conditional model takes no prompt
     assert page.find_element(By.ID, "width").get_attribute("value") == "28"
     assert [e for e in page.get_log("browser") if e["level"] == "SEVERE"] == []
@@ -202,6 +202,28 @@ def test_inpaint_keeps_the_unmasked_pixels(page, server):
     before, after = png(server, source["images"][0]), png(server, job["images"][0])
     assert (after[~inside] == before[~inside]).all()
     assert (after[inside] != before[inside]).any()
+    assert js_errors(page) == []
+
+
+def test_outpaint_extends_the_canvas(page, server):
+    """The outpaint task sends its sides and mask blur; the result is wider, the input kept beyond the seam."""
+    status, source = call(server + "/api/jobs", {"model": "mnist", "labels": [4], "n": 1, "steps": 4, "seed": 6})
+    assert status == 202, source
+    source = wait(server, source["id"])
+    load(page, server)
+    page.find_element(By.CSS_SELECTOR, f'#gallery .job[data-id="{source["id"]}"] img').click()
+    page.find_element(By.ID, "use-input").click()
+    WebDriverWait(page, 10).until(lambda d: d.execute_script(
+        "const i = document.getElementById('input-img'); return i.complete && i.naturalWidth === 28"))
+    fill(page, task="outpaint", steps=4, n=1, seed=9)
+    assert page.find_element(By.ID, "outpaint-row").is_displayed()
+    assert page.find_element(By.ID, "mask-blur").get_attribute("value") == "4"
+    fill(page, **{"out-right": 8, "mask-blur": 1})
+    job = generate(page, server)
+    assert job["status"] == "done", job
+    assert job["parameters"]["outpaint"] == "left=0,right=8,top=0,bottom=0" and job["parameters"]["mask_blur"] == 1
+    before, after = png(server, source["images"][0]), png(server, job["images"][0])
+    assert after.shape == (28, 36) and (after[:, :26] == before[:, :26]).all()
     assert js_errors(page) == []
 
 

@@ -30,7 +30,7 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
              spacing: str | None = None, cfg_until: float = defaults.CFG_UNTIL, cache: int = defaults.CACHE,
              cache_depth: int = defaults.CACHE_DEPTH, upsample_guidance: float | str | None = None,
              ug_eta: float = defaults.UG_ETA,
-             image: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
+             image: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None, mask_blur: int = 0,
              low_res: Tensor | None = None, semantic_map: Tensor | None = None, layout: Tensor | None = None,
              latents: Tensor | None = None, vae_tile: int | None = None,
              denoising_start: float = 0.0, denoising_end: float = 1.0, output: str = "image",
@@ -48,7 +48,9 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     - image-to-image (SDEdit): `image` [1 or n, C, H, W] in [-1, 1] is encoded and noised to the time
       a fraction `strength` in (0, 1] down the grid; strength 1 starts from pure noise (text-to-image);
     - inpainting: `image` and `mask` [1 or n, 1, H, W] (1 = generate); dedicated 9-channel models also
-      get mask + masked-image latent concatenated; every model keeps the known region (`Inpaint`);
+      get mask + masked-image latent concatenated; every model keeps the known region (`Inpaint`); `mask_blur`
+      > 0 regenerates that many pixels into it and pastes the result back with a seam as soft as that
+      (`inputs.soft_mask`); outpainting is inpainting of `inputs.outpaint_canvas`;
     - super-resolution models: `low_res` [1 or n, C, H / f, W / f];
     - layout models: `layout` [1 or n, N, 5] boxes (class index in `Pipeline.layout_classes`, x0, y0, x1, y1 in
       [0, 1]; class -1: no box; `conditioning.layout_tensor` builds one from names), CFG against no boxes;
@@ -78,7 +80,9 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
                                                              semantic_map)
     cond = conditions(pipe, n, labels, prompts, (H, W), original_size, crop_top_left, target_size, layout,
                       prompt_syntax)
-    task = encode_inputs(pipe, shape, image, mask, low_res, generator, semantic_map)
+    if mask_blur < 0:
+        raise ValueError(f"mask_blur must be >= 0 pixels, got {mask_blur}")
+    task = encode_inputs(pipe, shape, image, mask, low_res, generator, semantic_map, mask_blur)
     if task.concat is not None:
         cond["concat"] = task.concat
     null = None
@@ -197,9 +201,12 @@ def sample(sampler: str, denoiser: Denoiser, x: Tensor, ts: Tensor, pipe: Pipeli
 
 
 def finish(pipe: Pipeline, z: Tensor, task: TaskInputs, image: Tensor | None, vae_tile: int | None) -> Tensor:
-    """Decode the state to images in [-1, 1]; pixel-space inpainting pastes the known pixels back exactly."""
+    """Decode the state to images in [-1, 1]; pixel-space inpainting pastes the known pixels back exactly, and
+    with a mask blur every model's result is pasted onto the input by its soft weight."""
     with torch.no_grad():
         out = pipe.decode(z, vae_tile).float().clamp(-1, 1)
-    if task.keep is None or pipe.autoencoder is not None:
-        return out
-    return torch.where(task.keep.bool(), image.to(pipe.device), out)
+    if task.keep is not None and pipe.autoencoder is None:
+        out = torch.where(task.keep.bool(), image.to(pipe.device), out)
+    if task.paste is not None:
+        out = task.paste * out + (1 - task.paste) * image.to(pipe.device)
+    return out

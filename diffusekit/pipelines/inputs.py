@@ -121,25 +121,51 @@ def low_res_condition(low_res: Tensor, size: Sequence[int], z: Tensor, noise: fl
     return F.interpolate(low_res + noise * z, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def soft_mask(mask: Tensor, blur: int) -> tuple[Tensor, Tensor]:
+    """A binary mask [N, 1, H, W] (1 = generate) for a soft seam of `blur` pixels -> (the mask dilated by blur,
+    what is sampled; its box blur over 2 blur + 1 pixels, the weight of the generated image when pasting): 1 on
+    the mask, falling to 0 over 2 blur pixels into the kept region, so that beyond them the input stays exact."""
+    if blur <= 0:
+        return mask, mask
+    k = 2 * blur + 1
+    grown = F.max_pool2d(mask, k, stride=1, padding=blur)
+    return grown, F.avg_pool2d(grown, k, stride=1, padding=blur, count_include_pad=False)
+
+
+def outpaint_canvas(image: Tensor, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0) -> tuple[Tensor, Tensor]:
+    """Outpainting's inputs: the image [N, C, H, W] on a canvas extended by the given pixels on each side, the new
+    area filled by repeating the edge pixels (what latent models encode there; it is regenerated), and the mask
+    [N, 1, H', W'] that is 1 on the new area."""
+    if min(left, right, top, bottom) < 0 or not left + right + top + bottom:
+        raise ValueError(f"outpaint by non-negative pixels, at least one side: got left={left}, right={right}, "
+                         f"top={top}, bottom={bottom}")
+    canvas = F.pad(image, (left, right, top, bottom), mode="replicate")
+    mask = F.pad(torch.zeros_like(image[:, :1]), (left, right, top, bottom), value=1.0)
+    return canvas, mask
+
+
 class TaskInputs(NamedTuple):
     """What the checked task inputs become in the diffusion state's terms."""
 
     known: Tensor | None  # the encoded input image (img2img's start, inpainting's known region)
     keep: Tensor | None  # inpainting: 1 where the state is known (a latent pixel is known if all its pixels are)
     concat: Tensor | None  # concatenated to the network's input (inpainting models, super-resolution, maps)
+    paste: Tensor | None = None  # inpainting with a mask blur: the generated image's weight in the result
 
 
 def encode_inputs(pipe: Pipeline, shape: tuple[int, int, int], image: Tensor | None, mask: Tensor | None,
                   low_res: Tensor | None, generator: torch.Generator | None,
-                  semantic_map: Tensor | None = None) -> TaskInputs:
-    """Encode the checked inputs: the image, the mask pooled to the state's resolution, and the concatenated
-    condition (mask + masked-image latent for inpainting models; the noise-augmented low-resolution image,
-    whose noise is drawn from `generator`, for super-resolution; the one-hot map for semantic-map models)."""
-    known = keep = concat = None
+                  semantic_map: Tensor | None = None, mask_blur: int = 0) -> TaskInputs:
+    """Encode the checked inputs: the image, the mask (grown by `mask_blur`, `soft_mask`) pooled to the state's
+    resolution, and the concatenated condition (mask + masked-image latent for inpainting models; the
+    noise-augmented low-resolution image, whose noise is drawn from `generator`, for super-resolution; the one-hot
+    map for semantic-map models)."""
+    known = keep = concat = paste = None
     if image is not None:
         known = pipe.encode(image.to(pipe.device))
     if mask is not None:
-        mask = mask.to(pipe.device)
+        mask, paste = soft_mask(mask.to(pipe.device), mask_blur)
+        paste = paste if mask_blur > 0 else None
         keep = 1 - F.max_pool2d(mask, pipe.factor)
         if pipe.is_inpainting:
             masked = pipe.encode(image.to(pipe.device) * (1 - mask))
@@ -150,4 +176,4 @@ def encode_inputs(pipe: Pipeline, shape: tuple[int, int, int], image: Tensor | N
         concat = low_res_condition(low_res, shape[1:], z, pipe.low_res_noise)
     if semantic_map is not None:
         concat = map_condition(semantic_map.to(pipe.device), len(pipe.map_classes), shape[1:])
-    return TaskInputs(known, keep, concat)
+    return TaskInputs(known, keep, concat, paste)

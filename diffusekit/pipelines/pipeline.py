@@ -97,11 +97,12 @@ class Pipeline:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """What the pipeline can do: 'upscale' (super-resolution models), 'inpaint' (inpainting models), or
-        'sample', 'img2img' and 'inpaint' (training-free) for every other model (semantic-map models: of a map)."""
+        """What the pipeline can do: 'upscale' (super-resolution models), 'inpaint' and 'outpaint' (inpainting
+        models), or 'sample', 'img2img', 'inpaint' and 'outpaint' (training-free) for every other model
+        (semantic-map models: of a map)."""
         if self.low_res_factor:
             return ("upscale",)
-        return ("inpaint",) if self.is_inpainting else ("sample", "img2img", "inpaint")
+        return ("inpaint", "outpaint") if self.is_inpainting else ("sample", "img2img", "inpaint", "outpaint")
 
     @property
     def size_multiple(self) -> int:
