@@ -172,8 +172,9 @@ def test_generate_shows_progress_and_lands_in_gallery(page, server):
     assert js_errors(page) == []
 
 
-def test_inpaint_keeps_the_unmasked_pixels(page, server):
-    status, source = call(server + "/api/jobs", {"model": "mnist", "labels": [3], "n": 1, "steps": 4, "seed": 5})
+def source_as_input(page, server, label: int, seed: int) -> dict:
+    """A finished 28x28 job of `label`, put in the page as the input image ("use as input" on its gallery card)."""
+    status, source = call(server + "/api/jobs", {"model": "mnist", "labels": [label], "n": 1, "steps": 4, "seed": seed})
     assert status == 202, source
     source = wait(server, source["id"])
     load(page, server)
@@ -181,6 +182,11 @@ def test_inpaint_keeps_the_unmasked_pixels(page, server):
     page.find_element(By.ID, "use-input").click()
     WebDriverWait(page, 10).until(lambda d: d.execute_script(
         "const i = document.getElementById('input-img'); return i.complete && i.naturalWidth === 28"))
+    return source
+
+
+def test_inpaint_keeps_the_unmasked_pixels(page, server):
+    source = source_as_input(page, server, 3, 5)
     assert Select(page.find_element(By.ID, "task")).first_selected_option.get_attribute("value") == "img2img"
     fill(page, task="inpaint", steps=4, n=1, seed=99)
     canvas = page.find_element(By.ID, "mask-canvas")
@@ -207,14 +213,7 @@ def test_inpaint_keeps_the_unmasked_pixels(page, server):
 
 def test_outpaint_extends_the_canvas(page, server):
     """The outpaint task sends its sides and mask blur; the result is wider, the input kept beyond the seam."""
-    status, source = call(server + "/api/jobs", {"model": "mnist", "labels": [4], "n": 1, "steps": 4, "seed": 6})
-    assert status == 202, source
-    source = wait(server, source["id"])
-    load(page, server)
-    page.find_element(By.CSS_SELECTOR, f'#gallery .job[data-id="{source["id"]}"] img').click()
-    page.find_element(By.ID, "use-input").click()
-    WebDriverWait(page, 10).until(lambda d: d.execute_script(
-        "const i = document.getElementById('input-img'); return i.complete && i.naturalWidth === 28"))
+    source = source_as_input(page, server, 4, 6)
     fill(page, task="outpaint", steps=4, n=1, seed=9)
     assert page.find_element(By.ID, "outpaint-row").is_displayed()
     assert page.find_element(By.ID, "mask-blur").get_attribute("value") == "4"
