@@ -186,3 +186,21 @@ def test_stacks_exist_for_sdxl_and_sd3_only(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     with pytest.raises(ValueError, match="holds a StableDiffusionPipeline: text-encoder stacks exist for SDXL and SD3"):
         load_text_encoder(str(tmp_path))
+
+
+@torch.no_grad()
+def test_a1111_chunks_in_the_stacks(stack):
+    """SDXL encodes a long prompt in 77-token chunks of both CLIPs (pooled: the first chunk's); SD3 keeps the CLIPs'
+    first chunk and says so; unweighted short prompts encode as with the plain syntax."""
+    kind, _, _, pipe = stack
+    long, first = "a " * 100, "a " * 75
+    assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder(PROMPTS, "a1111"), pipe.text_encoder(PROMPTS)))
+    if kind == "sdxl":
+        tokens, pooled = pipe.text_encoder([long], "a1111")
+        head, head_pooled = pipe.text_encoder([first], "plain")
+        assert tokens.shape == (1, 154, 32) and max_diff(tokens[:, :77], head) < TOL
+        assert max_diff(pooled, head_pooled) < TOL
+    else:
+        with pytest.warns(UserWarning, match="SD3 takes one chunk"):
+            tokens, _ = pipe.text_encoder([long], "a1111")
+        assert tokens.shape == (1, 77 + 256, 12)
