@@ -247,8 +247,9 @@ def report(args) -> None:
                 results["scales"][folder.name[3:]] = score(
                     argparse.Namespace(**{**vars(args), "cfg": cfg, "sampler": sampler, "family": family}),
                     folder.name, runs, judges, real, floor, floor_labels, text)
-        (out / f"results_{family}.json").write_text(json.dumps(results, indent=1))
-        (out / f"tables_{family}.md").write_text(
+        name = family + "".join(f"_cfg{c:g}" for c in args.cfg)  # a partial report beside the whole one
+        (out / f"results_{name}.json").write_text(json.dumps(results, indent=1))
+        (out / f"tables_{name}.md").write_text(
             f"Written by `python experiments/upsample_guidance.py report --family {family}`. Each cell: the estimate "
             "and its 95% bootstrap interval; bold: ties the best of its column (the paired difference's interval "
             "holds 0).\n\n" + "\n".join(text) + "\n")
