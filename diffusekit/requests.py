@@ -214,6 +214,8 @@ class Request:
             raise ValueError("a negative prompt needs a prompt")
         if self.classifier is not None and self.prompt:
             raise ValueError("classifier guidance guides class labels, not prompts")
+        if self.lora and self.compile:
+            raise ValueError("lora and compile do not combine: compiling freezes the weights a LoRA changes")
         if self.cache > 1 and self.compile:
             raise ValueError("cache and compile do not combine: the cache's choice of blocks changes every step, "
                              "which would recompile the network")

@@ -197,3 +197,4 @@ def test_lora_from_the_command_line(sd, tmp_path, capsys):
     assert np.array_equal(pixels(tmp_path / "again" / "000.png"), half)
     for bad, message in ((str(tmp_path / "missing.safetensors"), "no LoRA file"), (f"{files['peft']}:inf", "scale")):
         assert message in fails([*base, "--lora", bad, "--out", str(tmp_path / "bad.png")], capsys)
+    assert "do not combine" in fails([*base, "--lora", str(files["peft"]), "--compile"], capsys)
