@@ -249,6 +249,9 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                         "measured best: docs/upsample_guidance.md), for sizes s x the training size; -1 is off")
     p.add_argument("--ug-eta", type=field("ug_eta", float), default=defaults.UG_ETA,
                    help="UG acts while t >= (1 - eta) T (latent models: ~0.6)")
+    p.add_argument("--interpolate-positions", action="store_true",
+                   help="DiT models above their trained size: scale the positions to span the trained grid (with "
+                        "--upsample-guidance: docs/upsample_guidance.md)")
     p.add_argument("--cfg-until", type=field("cfg_until", float), default=defaults.CFG_UNTIL, metavar="F",
                    help="classifier-free guidance over the first fraction F of the steps only, the rest at half "
                         "the batch (faster, not exact: docs/fewer_evaluations.md); 1 guides all")

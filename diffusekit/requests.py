@@ -157,6 +157,7 @@ class Request:
     cache_depth: int = defaults.CACHE_DEPTH  # the skips above which the UNet's blocks run every step
     upsample_guidance: float | str | None = None  # w or 'auto'; -1 or None is off
     ug_eta: float = defaults.UG_ETA
+    interpolate_positions: bool = False  # DiT above its trained size: positions span the trained grid
     height: int | None = None
     width: int | None = None
     vae_tile: int | None = None  # latent models: decode in tiles of this many pixels (0: whole; None: where needed)
@@ -279,7 +280,8 @@ class Plan:
         r = self.request
         return dict(**self.conditions, prompt_syntax=r.prompt_syntax, height=r.height, width=r.width, sampler=r.sampler, steps=r.steps, cfg=r.cfg,
                     spacing=r.spacing, cfg_until=r.cfg_until, cache=r.cache, cache_depth=r.cache_depth,
-                    upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta, vae_tile=r.vae_tile,
+                    upsample_guidance=r.upsample_guidance, ug_eta=r.ug_eta,
+                    interpolate_positions=r.interpolate_positions, vae_tile=r.vae_tile,
                     classifier_scale=r.classifier_scale, **self.options)
 
 

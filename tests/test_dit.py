@@ -187,3 +187,23 @@ def test_bad_inputs():
     assert uncond.null_class is None and uncond(torch.randn(2, 4, 8, 8), t).shape == (2, 8, 8, 8)
     with pytest.raises(ValueError, match="unconditional"):
         uncond(torch.randn(2, 4, 8, 8), t, y)
+
+
+@torch.no_grad()
+def test_generate_interpolates_positions_on_request():
+    """generate(interpolate_positions=True) samples a DiT above its size with interpolated positions (other
+    samples than without), and leaves the model as it was; other networks refuse it."""
+    from diffusekit.denoisers import DiffusionSettings
+    from diffusekit.pipelines import Pipeline, generate, load_pipeline
+    from diffusekit.bundled import ASSETS
+
+    net = DiT(DiTConfig(input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                        learned_sigma=False))
+    randomize(net)
+    pipe = Pipeline(net, DiffusionSettings(), (8, 8), 1, 3)
+    kw = dict(labels=torch.tensor([1]), height=16, width=16, steps=2, cfg=2.0)
+    plain = generate(pipe, 1, generator=torch.Generator().manual_seed(0), **kw)
+    inter = generate(pipe, 1, interpolate_positions=True, generator=torch.Generator().manual_seed(0), **kw)
+    assert not net.interpolate_positions and (plain - inter).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="option of DiT models"):
+        generate(load_pipeline(ASSETS / "mnist_unet"), 1, labels=torch.tensor([1]), steps=1, interpolate_positions=True)

@@ -69,7 +69,7 @@ def test_pngs_record_their_parameters(tmp_path):
                     "prompt": None, "negative": None, "prompt_syntax": "a1111", "n": 1, "seed": 7, "sampler": "ddim", "steps": 2, "cfg": 2.0,
                     "classifier": None, "classifier_scale": 1.0,
                     "spacing": "trailing", "eta": None, "variance": None, "cfg_until": 1.0, "cache": 1, "cache_depth": 1,
-                    "upsample_guidance": None, "ug_eta": 1.0,
+                    "upsample_guidance": None, "ug_eta": 1.0, "interpolate_positions": False,
                     "height": 28, "width": 28, "vae_tile": None, "scale": 2, "input_image": None, "mask": None, "map": None, "layout": None,
                     "strength": None, "outpaint": None, "mask_blur": None,
                     "text_encoder": None, "lora": None, "refiner": None, "refiner_start": 0.8, "dtype": AUTO, "device": "cpu",

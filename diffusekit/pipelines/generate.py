@@ -29,7 +29,7 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
              height: int | None = None, width: int | None = None, sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
              spacing: str | None = None, cfg_until: float = defaults.CFG_UNTIL, cache: int = defaults.CACHE,
              cache_depth: int = defaults.CACHE_DEPTH, upsample_guidance: float | str | None = None,
-             ug_eta: float = defaults.UG_ETA,
+             ug_eta: float = defaults.UG_ETA, interpolate_positions: bool = False,
              image: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None, mask_blur: int = 0,
              low_res: Tensor | None = None, semantic_map: Tensor | None = None, layout: Tensor | None = None,
              latents: Tensor | None = None, vae_tile: int | None = None,
@@ -65,6 +65,8 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
       only the first fraction of the steps (the rest run the conditional model alone, half the batch); `cache`
       > 1 recomputes a UNet's deep features every `cache` steps and runs only its blocks above the
       `cache_depth`-th skip in between (`DeepCache`);
+    - `interpolate_positions` (DiT): above the trained size, positions scaled to span the trained grid
+      (`models.dit`); with Upsample Guidance it helps (docs/upsample_guidance.md);
     - `vae_tile`: latent models decode in tiles of this many pixels (0: whole; None: whole up to
       defaults.DECODE_MEMORY, tiled above, `Pipeline.decode`);
     - `callback(i, t, x, prediction)` after every step; `sampler_options` (eta, variance, order) go to the sampler.
@@ -96,7 +98,15 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
             raise ValueError("classifier guidance needs class labels (a class-conditional model)")
         denoiser = ClassifierGuidance(denoiser, pipe.schedule, classifier, classifier_scale)
     x = initial_state(pipe, (n, *shape), ts, latents, task.known if image is not None else None, strength, generator)
-    z = sample(sampler, denoiser, x, ts, pipe, cond, generator, callback, progress, sampler_options)
+    if interpolate_positions and not hasattr(pipe.net, "interpolate_positions"):
+        raise ValueError(f"interpolate_positions is an option of DiT models, not of a {type(pipe.net).__name__}")
+    if interpolate_positions:
+        pipe.net.interpolate_positions = True
+    try:
+        z = sample(sampler, denoiser, x, ts, pipe, cond, generator, callback, progress, sampler_options)
+    finally:
+        if interpolate_positions:
+            pipe.net.interpolate_positions = False
     return z if output == "latent" else finish(pipe, z, task, image, vae_tile)
 
 
