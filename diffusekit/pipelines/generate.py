@@ -14,8 +14,8 @@ from ..denoisers import Denoiser
 from ..guidance import CFG, ClassifierGuidance, Inpaint, NoisyClassifier, UpsampleGuidance, upsample_guidance_weight
 from ..parametrization import Prediction
 from ..samplers import Callback, get_sampler
-from ..schedules import img2img_grid
 from ..prompts import SYNTAXES
+from ..schedules import img2img_grid
 from .inputs import TaskInputs, check_inputs, encode_inputs, randn, upsample_factor
 
 if TYPE_CHECKING:
@@ -26,7 +26,8 @@ OUTPUTS = ("image", "latent")
 
 def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
              negative: Sequence[str] | None = None, prompt_syntax: str = defaults.PROMPT_SYNTAX,
-             height: int | None = None, width: int | None = None, sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, cfg: float = defaults.CFG,
+             height: int | None = None, width: int | None = None, sampler: str = defaults.SAMPLER,
+             steps: int = defaults.STEPS, cfg: float = defaults.CFG,
              spacing: str | None = None, cfg_until: float = defaults.CFG_UNTIL, cache: int = defaults.CACHE,
              cache_depth: int = defaults.CACHE_DEPTH, upsample_guidance: float | str | None = None,
              ug_eta: float = defaults.UG_ETA, interpolate_positions: bool = False,
@@ -76,14 +77,14 @@ def generate(pipe: Pipeline, n: int, *, labels: Tensor | None = None, prompts: S
     check_settings(n, steps, cfg, upsample_guidance, ug_eta, denoising_start, denoising_end, output, cfg_until)
     if prompt_syntax not in SYNTAXES:
         raise ValueError(f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {prompt_syntax!r}")
+    if mask_blur < 0:
+        raise ValueError(f"mask_blur must be >= 0 pixels, got {mask_blur}")
     size = tuple(semantic_map.shape[-2:]) if torch.is_tensor(semantic_map) else pipe.resolution  # the default
     H, W = height or size[0], width or size[1]
     shape, image, mask, low_res, semantic_map = check_inputs(pipe, n, H, W, image, mask, low_res, upsample_guidance,
                                                              semantic_map)
     cond = conditions(pipe, n, labels, prompts, (H, W), original_size, crop_top_left, target_size, layout,
                       prompt_syntax)
-    if mask_blur < 0:
-        raise ValueError(f"mask_blur must be >= 0 pixels, got {mask_blur}")
     task = encode_inputs(pipe, shape, image, mask, low_res, generator, semantic_map, mask_blur)
     if task.concat is not None:
         cond["concat"] = task.concat

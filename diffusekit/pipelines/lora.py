@@ -3,7 +3,7 @@
 Merged (the default), the updates are added to the weights once, so sampling costs what it costs without them;
 the original values of the changed parameters are kept, and `remove` puts them back bit-exactly. Unmerged, each
 adapted layer gets a forward hook adding s (alpha / r) up(down(x)) to its output: a cost per step, but the
-scales can change between generations (`scales`) without touching the weights.
+scales can change between generations (`set_scales`) without touching the weights.
 """
 
 from __future__ import annotations
