@@ -123,18 +123,8 @@ class Methods:
         self.first: Iterator[torch.Tensor] = iter(())
 
     def at(self, pipe, size: int, pi: bool = False, **extra) -> Stage:
-        if pi and not hasattr(pipe.net, "interpolate_positions"):
-            raise SystemExit(f"+pi needs a DiT, not a {type(pipe.net).__name__}")
-
-        def stage(lab: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            if pi:
-                pipe.net.interpolate_positions = True
-            try:
-                return generate(pipe, len(lab), labels=lab, height=size, width=size, generator=g, **self.kw, **extra)
-            finally:
-                if pi:
-                    pipe.net.interpolate_positions = False
-        return stage
+        return lambda lab, g: generate(pipe, len(lab), labels=lab, height=size, width=size, generator=g,
+                                       interpolate_positions=pi, **self.kw, **extra)
 
     def small(self) -> Stage:
         return self.at(self.low, self.h)
