@@ -16,8 +16,8 @@ from . import defaults
 from .bundled import CLASSIFIERS, MODELS, classifier_folder, model_folder
 from .outputs import OUTDIR, Destination, read_request, version, write
 from .pipelines import load_classifier
-from .requests import (CHECKS, FIELDS, Limits, Request, above_training_size, load_model, lora_file, plan, run,
-                       task_of)
+from .requests import (CHECKS, FIELDS, Limits, Request, above_training_size, embedding_file, load_model, lora_file,
+                       plan, run, task_of)
 from .samplers import DDPM_VARIANCES, SAMPLERS, get_sampler, taking
 from .schedules import SCHEDULES, SPACINGS, make_schedule
 from .validation import Check, at_least, within
@@ -273,6 +273,10 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     p.add_argument("--lora", action=Rows, type=checked(str, lora_file), metavar="FILE[:SCALE]",
                    help="a LoRA file (kohya / A1111 or diffusers / PEFT .safetensors) merged into the model's UNet "
                         "and text encoder at SCALE (default 1); repeat for several (docs/lora.md)")
+    p.add_argument("--embedding", action=Rows, type=checked(str, embedding_file), metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds): TOKEN "
+                        "in the prompts reads as its vectors (default: the file's own token, else its name); repeat "
+                        "for several (docs/embeddings.md)")
     p.add_argument("--text-encoder", metavar="DIR", help="text encoder folder (tokenizer beside it) for a Stable "
                                                          "Diffusion single file, whose CLIP is not converted")
     p.add_argument("--out", help="grid image (.png, .jpg, .jpeg or .webp), its images in the folder OUT without "

@@ -73,6 +73,37 @@ class TextEncoder(nn.Module):
             self.tokenizer, self.model = AutoTokenizer.from_pretrained(tok_dir), model.to(dtype)
         self.model.requires_grad_(False).eval()
         self.max_length, self.layer = max_length, layer
+        self._embeddings: dict[str, Tensor] = {}
+
+    @property
+    def embeddings(self) -> dict[str, Tensor]:
+        """The textual-inversion embeddings in use: name -> vectors [n, d] (`set_embeddings`)."""
+        return dict(self._embeddings)
+
+    def set_embeddings(self, embeddings: dict[str, Tensor]) -> None:
+        """Textual inversion (CLIP only): each name, wherever a prompt has its tokens, reads as its vectors [n, d]
+        (1 <= n <= 75), given token ids beyond the vocabulary; replaces the embeddings in use, all checked first
+        (a ValueError leaves them as they were)."""
+        if embeddings and not self.is_clip:
+            raise ValueError(f"textual-inversion embeddings need a CLIP text encoder; this is a "
+                             f"{type(self.model).__name__}")
+        if not self.is_clip:
+            return
+        emb, tok = self.model.embeddings, self.tokenizer
+        d, start = emb.token_embedding.embedding_dim, emb.token_embedding.num_embeddings
+        keys: dict[tuple[int, ...], list[int]] = {}
+        for name, v in embeddings.items():
+            key = tuple(tok.bpe.encode(name, add_special_tokens=False).ids)
+            if v.ndim != 2 or v.shape[-1] != d or not 0 < len(v) <= self.max_length - 2:
+                raise ValueError(f"the embedding {name!r} has vectors {tuple(v.shape)}; this text encoder takes [n, "
+                                 f"{d}] with 1 <= n <= {self.max_length - 2}")
+            if not key or key in keys:
+                raise ValueError(f"the embedding name {name!r} is {'taken' if key else 'empty'}")
+            keys[key] = list(range(start, start + len(v)))
+            start += len(v)
+        tok.embeddings = keys
+        emb.extra = torch.cat([v.to(emb.token_embedding.weight) for v in embeddings.values()]) if keys else None
+        self._embeddings = dict(embeddings)
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask) [B, max_length] on the model's device; warns (once per call) naming the
@@ -114,13 +145,14 @@ class TextEncoder(nn.Module):
         weights [B, 77 k]."""
         tok, width = self.tokenizer, self.max_length - 2
         comma = tok.bpe.token_to_id(",</w>")
+        spans = {ids[0]: len(ids) for ids in tok.embeddings.values()}
         per_prompt = []
         for prompt in prompts:
+            segments = parse_attention(prompt)
             pairs: list[tuple[int, float]] = []
-            for text, w in parse_attention(prompt):
-                pairs += [(-1, 1.0)] if (text, w) == (BREAK, -1.0) else [
-                    (i, w) for i in tok.bpe.encode(text, add_special_tokens=False).ids]
-            per_prompt.append(chunks(pairs, comma, width))
+            for (text, w), ids in zip(segments, tok.encode([t for t, _ in segments])):
+                pairs += [(-1, 1.0)] if (text, w) == (BREAK, -1.0) else [(i, w) for i in ids]
+            per_prompt.append(chunks(pairs, comma, width, spans))
         k = max(map(len, per_prompt))
         ids, weights = [], []
         for cs in per_prompt:
@@ -196,10 +228,27 @@ class CLIPTokenizer:
         if None in ids.values():
             raise ValueError(f"{folder}: the tokenizer's vocabulary lacks a special token of {special}")
         self.bos, self.eos, self.pad = ids["bos"], ids["eos"], ids["pad"]
+        self.embeddings: dict[tuple[int, ...], list[int]] = {}  # a name's tokens -> its embedding's ids
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Texts -> token ids without BOS / EOS, each embedding name's tokens replaced by its ids (as A1111 finds
+        them: at any token position, the longest name first)."""
+        out = [e.ids for e in self.bpe.encode_batch(list(texts), add_special_tokens=False)]
+        if not self.embeddings:
+            return out
+        names = sorted(self.embeddings, key=len, reverse=True)
+        for k, ids in enumerate(out):
+            replaced, i = [], 0
+            while i < len(ids):
+                name = next((n for n in names if tuple(ids[i: i + len(n)]) == n), None)
+                replaced += self.embeddings[name] if name else [ids[i]]
+                i += len(name) if name else 1
+            out[k] = replaced
+        return out
 
     def __call__(self, prompts: list[str], padding: str | None = None, max_length: int | None = None,
                  truncation: bool = False, return_tensors: str | None = None, verbose: bool = True) -> dict:
-        ids = [[self.bos, *e.ids, self.eos] for e in self.bpe.encode_batch(prompts, add_special_tokens=False)]
+        ids = [[self.bos, *s, self.eos] for s in self.encode(prompts)]
         if truncation and max_length:
             ids = [s if len(s) <= max_length else s[: max_length - 1] + [self.eos] for s in ids]
         mask = [[1] * len(s) for s in ids]

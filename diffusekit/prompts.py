@@ -73,10 +73,13 @@ def add(out: list[tuple[str, float]], text: str, weight: float) -> None:
         out.append((text, weight))
 
 
-def chunks(tokens: list[tuple[int, float]], comma: int | None, size: int = CHUNK) -> list[list[tuple[int, float]]]:
+def chunks(tokens: list[tuple[int, float]], comma: int | None, size: int = CHUNK,
+           spans: dict[int, int] | None = None) -> list[list[tuple[int, float]]]:
     """(token id, weight) pairs -> chunks of at most `size`, BREAK (id -1) forcing a new one, and a full chunk
     ending after its last `comma` token when that is at most COMMA_BACKTRACK tokens back (A1111's rule: the
-    tokens after the comma move to the next chunk); a trailing empty chunk is dropped unless it is the only one."""
+    tokens after the comma move to the next chunk); a trailing empty chunk is dropped unless it is the only one.
+    `spans`: ids that start a run of that many tokens kept in one chunk (a textual-inversion embedding's vectors,
+    moved whole to the next chunk when they do not fit, as A1111 does)."""
     out: list[list[tuple[int, float]]] = [[]]
     last_comma = -1
     for token in tokens:
@@ -92,7 +95,7 @@ def chunks(tokens: list[tuple[int, float]], comma: int | None, size: int = CHUNK
             del chunk[last_comma + 1:]
             out.append(rest)
             chunk, last_comma = rest, -1
-        if len(chunk) == size:
+        if len(chunk) == size or spans and len(chunk) + spans.get(token[0], 0) > size:
             out.append([])
             chunk, last_comma = out[-1], -1
         chunk.append(token)

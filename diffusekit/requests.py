@@ -27,6 +27,7 @@ from .images import load_image, load_map
 from .guidance import NoisyClassifier
 from .pipelines import Pipeline, generate, load_pipeline
 from .pipelines.inputs import check_inputs, outpaint_canvas
+from .pipelines.embeddings import Embeddings
 from .pipelines.lora import LoRAs
 from .prompts import SYNTAXES
 from .samplers import DDPM_VARIANCES, SAMPLERS, Callback, taking
@@ -59,6 +60,19 @@ def lora_file(spec: str) -> str | None:
     if not Path(path).is_file():
         return f"{spec!r}: no LoRA file at {path}"
     return finite(scale) and f"{spec!r}: the scale {finite(scale)}"
+
+
+def parse_embedding(spec: str) -> tuple[str, str | None]:
+    """A textual-inversion embedding given as FILE or FILE:TOKEN -> (file, token; None: the file's own token, else
+    its name)."""
+    path, colon, token = spec.rpartition(":")
+    return (path, token) if colon and path and token and not Path(spec).is_file() else (spec, None)
+
+
+def embedding_file(spec: str) -> str | None:
+    """A check for one embedding spec: an existing file."""
+    path, _ = parse_embedding(spec)
+    return None if Path(path).is_file() else f"{spec!r}: no embedding file at {path}"
 
 
 def parse_outpaint(spec: str) -> dict[str, int]:
@@ -114,6 +128,7 @@ CHECKS: dict[str, Check] = {  # each field's check of a given (not None) value; 
     "vae_tile": at_least(0),
     "upsample_guidance": ug_weight,
     "lora": lambda specs: next(filter(None, map(lora_file, specs)), None),
+    "embedding": lambda specs: next(filter(None, map(embedding_file, specs)), None),
     "ug_eta": within(0, 1),
     "height": at_least(1),
     "width": at_least(1),
@@ -171,6 +186,7 @@ class Request:
     mask_blur: int | None = None  # inpaint / outpaint: pixels of soft seam; None: the task's default
     text_encoder: str | None = None  # text encoder folder for an SD single file
     lora: list[str] | None = None  # LoRA files, each FILE or FILE:SCALE (scale 1 if not given), on the model
+    embedding: list[str] | None = None  # textual-inversion files, each FILE or FILE:TOKEN, on its text encoders
     refiner: str | None = None  # a second model that finishes the schedule
     refiner_start: float = defaults.REFINER_START
     dtype: str = defaults.DTYPE  # auto, fp32, bf16, fp16
@@ -296,7 +312,9 @@ def plan(request: Request, pipe: Pipeline) -> Plan:
                             labels=r.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None),
                             input_image=r.input_image and str(Path(r.input_image).resolve()),
                             mask=r.mask and str(Path(r.mask).resolve()), map=r.map and str(Path(r.map).resolve()),
-                            lora=r.lora and [f"{Path(f).resolve()}:{s:g}" for f, s in map(parse_lora, r.lora)])
+                            lora=r.lora and [f"{Path(f).resolve()}:{s:g}" for f, s in map(parse_lora, r.lora)],
+                            embedding=r.embedding and [":".join([str(Path(f).resolve()), *filter(None, [t])])
+                                                       for f, t in map(parse_embedding, r.embedding)])
     if r.vae_tile and (pipe.autoencoder is None or r.vae_tile % pipe.factor):
         why = "has no autoencoder" if pipe.autoencoder is None else f"has factor {pipe.factor}"
         raise ValueError(f"vae_tile is an option of latent models, in multiples of their autoencoder's factor; "
@@ -386,10 +404,11 @@ def run(p: Plan, pipe: Pipeline, refiner: Pipeline | None = None, callback: Call
         progress: bool = False, classifier: NoisyClassifier | None = None) -> Tensor:
     """Sample a plan's images (seeded by its request), the refiner, if given, finishing the schedule from
     refiner_start on, with the request's classifier (loaded: `load_classifier`) guiding and its LoRAs merged into
-    the first model for the run."""
+    and its embeddings added to the first model for the run."""
     kw = dict(p.generate_kwargs(), generator=torch.Generator().manual_seed(p.request.seed), callback=callback,
               progress=progress, classifier=classifier)
-    with LoRAs(pipe, [parse_lora(spec) for spec in p.request.lora or ()]):  # merged for the run, then taken off
+    with (LoRAs(pipe, [parse_lora(spec) for spec in p.request.lora or ()]),  # for the run, then taken off
+          Embeddings(pipe, [parse_embedding(spec) for spec in p.request.embedding or ()])):
         if refiner is None:
             return generate(pipe, p.images, **p.inputs, **kw)
         z = generate(pipe, p.images, **p.inputs, **kw, denoising_end=p.request.refiner_start, output="latent")

@@ -44,13 +44,23 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.g
 
 
 class Embeddings(nn.Module):
+    """Token + position embeddings; ids from vocab_size on read the rows of `extra` (textual inversion's vectors
+    [n, d], set by TextEncoder.add_embeddings; not part of the state dict)."""
+
     def __init__(self, c: CLIPTextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
         self.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.extra: Tensor | None = None
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+        if self.extra is None:
+            x = self.token_embedding(ids)
+        else:
+            vocab = self.token_embedding.num_embeddings
+            x = torch.where((ids >= vocab)[..., None], self.extra[(ids - vocab).clamp(min=0)],
+                            self.token_embedding(ids.clamp(max=vocab - 1)))
+        return x + self.position_embedding.weight[: ids.shape[1]]
 
 
 class SelfAttention(nn.Module):
@@ -119,7 +129,9 @@ class CLIPTextTransformer(nn.Module):
                 tokens = h
             h = block(h)
         h = self.final_layer_norm(h)
-        end = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
+        # old configs: the end token is the vocabulary's highest id (textual inversion's ids beyond it are not)
+        end = (ids.masked_fill(ids >= self.config.vocab_size, -1).argmax(-1) if self.config.eos_token_id == 2
+               else (ids == self.config.eos_token_id).int().argmax(-1))
         pooled = h[torch.arange(ids.shape[0], device=ids.device), end]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)

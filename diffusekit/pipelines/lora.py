@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..conditioning import SDXLTextEncoder, TextEncoder
 from ..interop.diffusers_unet import unet_rules
 from ..interop.ldm_unet import LDM_UNET
 from ..interop.lora import LoRAError, LoRALayer, Target, read_lora, renamer, resolve, text_rule
@@ -29,12 +28,7 @@ def components(pipe: Pipeline) -> dict[str, tuple[nn.Module, list]]:
     out: dict[str, tuple[nn.Module, list]] = {}
     if isinstance(pipe.net, UNet):
         out["unet"] = (pipe.net, [renamer(unet_rules(pipe.net.config)), renamer(LDM_UNET)])
-    te = pipe.text_encoder
-    encoders = ([te.clip_l, te.clip_g] if isinstance(te, SDXLTextEncoder) else [te] if isinstance(te, TextEncoder)
-                else [])
-    for name, enc in zip(("text_encoder", "text_encoder_2"), encoders):
-        if enc.is_clip:
-            out[name] = (enc.model, [text_rule])
+    out.update({name: (enc.model, [text_rule]) for name, enc in pipe.clip_encoders.items()})
     return out
 
 

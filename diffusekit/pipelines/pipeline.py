@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import defaults
-from ..conditioning import Conditioner, PromptEncoder
+from ..conditioning import Conditioner, PromptEncoder, SD3TextEncoder, SDXLTextEncoder, TextEncoder
 from ..denoisers import DiffusionSettings, NetworkDenoiser
 from ..models.unet import DeepCache
 from .generate import generate
@@ -78,6 +78,15 @@ class Pipeline:
         if self.num_classes:
             return "class"
         return "text" if self.text_encoder is not None else "layout" if self.layout_classes else "unconditional"
+
+    @property
+    def clip_encoders(self) -> dict[str, TextEncoder]:
+        """The CLIP text encoders, by the component names LoRA and embedding files use ('text_encoder', and SDXL's
+        and SD3's 'text_encoder_2')."""
+        te = self.text_encoder
+        encoders = [te.clip_l, te.clip_g] if isinstance(te, (SDXLTextEncoder, SD3TextEncoder)) else [te]
+        return {name: enc for name, enc in zip(("text_encoder", "text_encoder_2"), encoders)
+                if isinstance(enc, TextEncoder) and enc.is_clip}
 
     @property
     def factor(self) -> int:
