@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -14,10 +15,10 @@ import torch
 
 from . import defaults
 from .bundled import CLASSIFIERS, MODELS, classifier_folder, model_folder
-from .outputs import OUTDIR, Destination, read_request, version, write
+from .outputs import OUTDIR, Destination, read_request, version, write, write_sweep
 from .pipelines import load_classifier
-from .requests import (CHECKS, FIELDS, Limits, Request, above_training_size, embedding_file, load_model, lora_file,
-                       plan, run, task_of)
+from .requests import (CHECKS, FIELDS, MAX_AXES, SWEEPABLE, Limits, Request, above_training_size, embedding_file,
+                       load_model, lora_file, parse_sweep, plan, run, sweep_runs, sweep_spec, task_of)
 from .samplers import DDPM_VARIANCES, SAMPLERS, get_sampler, taking
 from .schedules import SCHEDULES, SPACINGS, make_schedule
 from .validation import Check, at_least, within
@@ -123,6 +124,13 @@ def sample(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     refiner = load_model(request.refiner, request.device, dtype)[0] if request.refiner else None
     classifier = load_classifier(classifier_folder(request.classifier), pipe) if request.classifier else None
+    if args.sweep:
+        axes = [parse_sweep(spec) for spec in args.sweep]
+        path = write_sweep(sweep_runs(p.request, axes, pipe, refiner, classifier, progress=True), axes, destination,
+                           model_folder(request.model))
+        print(f"{math.prod(len(values) for _, values in axes)} cells of {p.images} images in {time.perf_counter() - t0:.1f} s -> {path} and "
+              f"{path.with_suffix('')}{os.sep}")
+        return
     images = run(p, pipe, refiner, progress=True, classifier=classifier)
     path = write(images, p, destination, model_folder(request.model))
     print(f"{p.images} images of {p.request.height}x{p.request.width} in {time.perf_counter() - t0:.1f} s -> "
@@ -279,6 +287,10 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
                         "for several (docs/embeddings.md)")
     p.add_argument("--text-encoder", metavar="DIR", help="text encoder folder (tokenizer beside it) for a Stable "
                                                          "Diffusion single file, whose CLIP is not converted")
+    p.add_argument("--sweep", action=Rows, type=checked(str, sweep_spec), metavar="OPTION=V1,V2,...",
+                   help=f"an X/Y/Z plot: the run once per value of OPTION (repeat for up to {MAX_AXES} axes; one of "
+                        f"{', '.join(SWEEPABLE)}), same seed, written as one labelled plot at OUT and each cell's "
+                        "grid and images in its folder (docs/sweeps.md)")
     p.add_argument("--out", help="grid image (.png, .jpg, .jpeg or .webp), its images in the folder OUT without "
                                  "suffix; refused if either exists, unless --overwrite")
     p.add_argument("--outdir", default=OUTDIR, help="without --out: the grid is OUTDIR/NNNNN-SEED.png, the next free "

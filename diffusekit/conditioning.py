@@ -13,11 +13,12 @@ naming the tokens dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -448,6 +449,7 @@ class Conditioner:
         self.layout_classes = getattr(config, "layout_classes", 0)
         self.layout_boxes = getattr(config, "layout_boxes", 0)
         self._empty: tuple[Tensor, Tensor] | None = None
+        self._memo: dict[tuple, tuple[Tensor, Tensor]] | None = None  # encodings kept by `remembering`
 
     def __call__(self, n: int, labels: Tensor | None = None, prompts: Sequence[str] | None = None,
                  size: tuple[int, int] | None = None, original_size: Tensor | None = None,
@@ -478,7 +480,7 @@ class Conditioner:
                 raise ValueError("this model is text-conditional but no text encoder is loaded with it")
             if prompts is None or len(prompts) != n:
                 raise ValueError(f"this model is text-conditional: pass {n} prompts")
-            cond["context"], pooled = self.text_encoder(list(prompts), syntax)
+            cond["context"], pooled = self.encode(prompts, syntax)
             if "pooled" in self.keys:
                 cond["pooled"] = pooled
         elif prompts is not None:
@@ -491,9 +493,32 @@ class Conditioner:
             cond["time_ids"] = micro_conditioning(orig, crop, size)
         return {k: v.to(device) for k, v in cond.items()}
 
+    def encode(self, prompts: Sequence[str], syntax: str = PLAIN) -> tuple[Tensor, Tensor]:
+        """The text encoder's (tokens, pooled) of the prompts, encoded once per prompts and syntax while
+        `remembering`."""
+        key = (tuple(prompts), syntax)
+        if self._memo is not None and key in self._memo:
+            return self._memo[key]
+        out = self.text_encoder(list(prompts), syntax)
+        if self._memo is not None:
+            self._memo[key] = out
+        return out
+
+    @contextlib.contextmanager
+    def remembering(self) -> Iterator[None]:
+        """Within the block, each distinct prompt list is encoded once (the runs of a sweep share them)."""
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
     def forget_null(self) -> None:
-        """Drop the cached empty-prompt encoding (the text encoder's weights changed, e.g. by a LoRA)."""
+        """Drop the cached encodings, the empty prompt's and those `remembering` keeps (the text encoder changed,
+        e.g. by a LoRA or an embedding)."""
         self._empty = None
+        if self._memo is not None:
+            self._memo.clear()
 
     def empty(self) -> tuple[Tensor, Tensor]:
         """The empty prompt's (tokens [1, L, d], pooled [1, d']) (zeros for SDXL's force_zeros_for_empty_prompt),
@@ -523,7 +548,7 @@ class Conditioner:
                 negative = list(negative) * (n if len(negative) == 1 else 1)
                 if len(negative) != n:
                     raise ValueError(f"pass one negative prompt or one per sample ({n}), got {len(negative)}")
-                tokens, pooled = self.text_encoder(negative, syntax)
+                tokens, pooled = self.encode(negative, syntax)
             else:
                 tokens, pooled = (v.expand(n, *v.shape[1:]) for v in self.empty())
             null["context"] = tokens.to(cond["context"].device)

@@ -214,6 +214,46 @@ def save_grid(x: Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] 
     return _save(grid_image(x, nrow, row_labels, scale, pad), path, parameters, text)
 
 
+def save_plot(cells: Sequence[Image.Image], path: str | Path, columns: Sequence[str], rows: Sequence[str] = ("",),
+              panels: Sequence[str] = ("",), parameters: dict[str, Any] | None = None, text: str | None = None) -> Path:
+    """Write an X/Y/Z plot as A1111 draws one (`plot_image`), with its parameters (PNG)."""
+    return _save(plot_image(cells, columns, rows, panels), path, parameters, text)
+
+
+def plot_image(cells: Sequence[Image.Image], columns: Sequence[str], rows: Sequence[str] = ("",),
+               panels: Sequence[str] = ("",), pad: int = 6) -> Image.Image:
+    """Images in a labelled table per panel: `columns` (X) labelled above, `rows` (Y) on the left, one panel per
+    `panels` (Z) value, titled, below the last; cells in X-fastest order, each centred in a slot of the largest's
+    size."""
+    if len(cells) != len(columns) * len(rows) * len(panels):
+        raise ValueError(f"{len(cells)} cells for {len(columns)} x {len(rows)} x {len(panels)} values")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width(label: str) -> int:
+        return int(measure.textlength(label)) if label else 0
+
+    line = 14
+    w, h = max(c.width for c in cells), max(c.height for c in cells)
+    w = max(w, *(width(s) + pad for s in columns))
+    left = max(map(width, rows)) + 2 * pad if any(rows) else 0
+    top = line + pad if any(columns) else 0
+    title = line + pad if any(panels) else 0
+    panel_h = title + top + len(rows) * (h + pad)
+    plot = Image.new("RGB", (left + len(columns) * (w + pad) + pad, len(panels) * panel_h + pad), "white")
+    draw = ImageDraw.Draw(plot)
+    for k, cell in enumerate(cells):
+        c, r, z = k % len(columns), k // len(columns) % len(rows), k // (len(columns) * len(rows))
+        x0, y0 = left + pad + c * (w + pad), z * panel_h + title + top + pad + r * (h + pad)
+        plot.paste(cell.convert("RGB"), (x0 + (w - cell.width) // 2, y0 + (h - cell.height) // 2))
+        if r == 0:
+            draw.text((x0 + (w - width(columns[c])) // 2, y0 - line - 2), columns[c], fill="black")
+        if c == 0:
+            draw.text((pad, y0 + h // 2 - line // 2), rows[r], fill="black")
+        if c == r == 0 and panels[z]:
+            draw.text((pad, z * panel_h + pad), panels[z], fill="black")
+    return plot
+
+
 def grid_image(x: Tensor, nrow: int, row_labels: Sequence[str] | None = None, scale: int = 1,
                pad: int = 2) -> Image.Image:
     """Images [N, C, H, W] in [-1, 1] as one RGB image: rows of `nrow`, optionally labelled on the left."""

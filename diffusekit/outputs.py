@@ -9,14 +9,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from torch import Tensor
 
 from .bundled import MODELS
-from .images import (PARAMETERS, check_output_path, check_writable, next_numbered, png_text, read_parameters,
-                     save_grid, save_image)
-from .requests import FIELDS, Plan, parse_lora, task_of
+from .images import (PARAMETERS, check_output_path, check_writable, grid_image, next_numbered, png_text,
+                     read_parameters, save_grid, save_image, save_plot)
+from .requests import FIELDS, MAX_AXES, Plan, cell_label, parse_lora, task_of
 from .validation import type_problem
 
 RESTORED = [name for name in FIELDS if name not in ("task", "device", "compile")]  # what a PNG gives back
@@ -94,6 +94,37 @@ def write(images: Tensor, p: Plan, destination: Destination, model_path: str | P
         for path in written:
             path.unlink(missing_ok=True)
         raise
+
+
+def write_sweep(cells: Iterable[tuple[Plan, Tensor]], axes: Sequence[tuple[str, list[Any]]],
+                destination: Destination, model_path: str | Path) -> Path:
+    """A sweep's cells, each written as a run of its own as it arrives (`write`: 'cfg=5,steps=20.png' and its
+    images, with their parameters) in the folder of the plot's name, then the X/Y/Z plot of the cells' grids,
+    labelled with the axes' values, recording the first cell's parameters and the sweep (--from-png reruns it).
+    Returns the plot's path."""
+    names = [name for name, _ in axes]
+    first: Plan | None = None
+    tiles = []
+    plot = Path(destination.out) if destination.out else None
+    for p, images in cells:
+        first = first or p
+        if plot is None:
+            plot = next_numbered(destination.outdir, str(p.request.seed))
+        elif first is p and destination.overwrite:  # no cell of an earlier sweep at `out` stays behind
+            for old in plot.with_suffix("").glob("*=*"):
+                for image in old.glob("[0-9]*.png") if old.is_dir() else [old]:
+                    image.unlink()
+                if old.is_dir() and not any(old.iterdir()):
+                    old.rmdir()
+        label = cell_label({name: getattr(p.request, name) for name in names})
+        write(images, p, Destination(str(plot.with_suffix("") / f"{label}.png"), overwrite=True), model_path)
+        tiles.append(grid_image(images, nrow=p.request.n, scale=p.request.scale))
+    if first is None:
+        raise ValueError("a sweep needs at least one cell")
+    labels = [[cell_label({name: v}) for v in values] for name, values in axes] + [[""]] * (MAX_AXES - len(axes))
+    record = {**parameters(first, model_path),
+              "sweep": [f"{name}={','.join(map(str, values))}" for name, values in axes]}
+    return save_plot(tiles, plot, *labels, parameters=record, text=a1111_text({**record, "image": first.own[0]}))
 
 
 def a1111_text(record: dict[str, Any]) -> str:
@@ -202,4 +233,7 @@ def read_request(path: str | Path) -> dict[str, Any]:
     if isinstance(saved.get("image"), dict):
         print(f"{path} is image {saved['image'].get('index')} of its run: rerunning the run, whose images are "
               f"numbered as before")
-    return {**fields, "task": task_of(fields)}
+    sweep = saved.get("sweep")
+    if sweep is not None and not (isinstance(sweep, list) and all(isinstance(a, str) for a in sweep)):
+        raise ValueError(f"{path}: parameter sweep must be a list of OPTION=VALUES, got {sweep!r}")
+    return {**fields, "task": task_of(fields), **({"sweep": sweep} if sweep else {})}

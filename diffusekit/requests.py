@@ -10,7 +10,9 @@ and the generation parameters recorded in each PNG.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import defaults
 from .acceleration import DTYPES, accelerate, resolve_dtype
@@ -246,6 +249,73 @@ class Request:
 FIELDS: dict[str, Any] = typing.get_type_hints(Request)  # every field's type, for values read from JSON / PNGs
 
 
+SWEEPABLE = ("cfg", "steps", "sampler", "spacing", "seed", "eta", "variance", "upsample_guidance", "ug_eta",
+             "interpolate_positions", "cfg_until", "cache", "cache_depth", "strength", "mask_blur", "height", "width",
+             "prompt_syntax", "classifier_scale", "refiner_start")  # what a sweep varies: the model and inputs stay
+MAX_AXES = 3  # X, Y and Z
+
+
+def sweep_value(name: str, text: str) -> Any:
+    """A sweep's value text as field `name`'s type (int, float, bool or str, tried in that order), checked."""
+    kinds = typing.get_args(FIELDS[name]) or (FIELDS[name],)
+    for kind in (bool, int, float, str):
+        if kind in kinds:
+            try:
+                value = {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+            except (KeyError, ValueError):
+                continue
+            if problem := (CHECKS[name](value) if name in CHECKS else None):
+                raise ValueError(f"sweep {name}={text}: {name} {problem}")
+            return value
+    kinds_named = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+    raise ValueError(f"sweep {name}: {text!r} is not {' or '.join(kinds_named[k] for k in kinds if k in kinds_named)}")
+
+
+def parse_sweep(spec: str) -> tuple[str, list[Any]]:
+    """'cfg=3,5,7.5' -> ('cfg', [3.0, 5.0, 7.5]): a field of SWEEPABLE (dashes or underscores) and its distinct
+    values, each converted to the field's type and checked; ValueError otherwise."""
+    name, eq, values = spec.partition("=")
+    name = name.strip().removeprefix("--").replace("-", "_")
+    if name not in SWEEPABLE or not eq:
+        raise ValueError(f"sweep {spec!r}: expected OPTION=V1,V2,... with OPTION one of {', '.join(SWEEPABLE)}"
+                         f"{did_you_mean(name, SWEEPABLE)}")
+    out = [sweep_value(name, v.strip()) for v in values.split(",") if v.strip()]
+    if not out or len(set(map(repr, out))) != len(out):
+        raise ValueError(f"sweep {spec!r}: give {name} distinct values, e.g. {name}=a,b,c")
+    return name, out
+
+
+def sweep_spec(spec: str) -> str | None:
+    """A check for one sweep axis (`parse_sweep`)."""
+    try:
+        parse_sweep(spec)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def sweep(request: Request, axes: typing.Sequence[tuple[str, list[Any]]]) -> list[Request]:
+    """The cells of an X/Y/Z sweep: the request with each combination of the axes' values, the first axis (X)
+    varying fastest, every other field (the seed too, unless swept) the same; each cell is checked as a request,
+    so a combination that cannot run is refused, named, before any work."""
+    names = [name for name, _ in axes]
+    if len(axes) > MAX_AXES or len(set(names)) != len(names):
+        raise ValueError(f"a sweep has at most {MAX_AXES} axes, each option once; got {', '.join(names)}")
+    cells = []
+    for combo in itertools.product(*(values for _, values in reversed(axes))):
+        values = dict(zip(reversed(names), combo))
+        try:
+            cells.append(dataclasses.replace(request, **values))
+        except ValueError as e:
+            raise ValueError(f"sweep cell {cell_label(values)}: {e}") from e
+    return cells
+
+
+def cell_label(values: dict[str, Any]) -> str:
+    """'cfg=5,steps=20': a sweep cell's values (its folder's name)."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def task_of(fields: dict[str, Any]) -> str:
     """The task of request fields recorded without one (PNGs record their inputs, not the task): outpaint with
     its sides, inpaint with a mask, img2img with an input image and a strength, upscale with an input image
@@ -405,14 +475,41 @@ def run(p: Plan, pipe: Pipeline, refiner: Pipeline | None = None, callback: Call
     """Sample a plan's images (seeded by its request), the refiner, if given, finishing the schedule from
     refiner_start on, with the request's classifier (loaded: `load_classifier`) guiding and its LoRAs merged into
     and its embeddings added to the first model for the run."""
-    kw = dict(p.generate_kwargs(), generator=torch.Generator().manual_seed(p.request.seed), callback=callback,
-              progress=progress, classifier=classifier)
-    with (LoRAs(pipe, [parse_lora(spec) for spec in p.request.lora or ()]),  # for the run, then taken off
-          Embeddings(pipe, [parse_embedding(spec) for spec in p.request.embedding or ()])):
-        if refiner is None:
-            return generate(pipe, p.images, **p.inputs, **kw)
-        z = generate(pipe, p.images, **p.inputs, **kw, denoising_end=p.request.refiner_start, output="latent")
-    return generate(refiner, p.images, **kw, denoising_start=p.request.refiner_start, latents=z)
+    return list(run_all([p], pipe, refiner, callback, progress, classifier))[0]
+
+
+def run_all(plans: typing.Sequence[Plan], pipe: Pipeline, refiner: Pipeline | None = None,
+            callback: Callback | None = None, progress: bool = False,
+            classifier: NoisyClassifier | None = None) -> typing.Iterator[Tensor]:
+    """Each plan's images in turn, as `run` samples them, with the LoRAs and embeddings of the first plan (which
+    all must share) applied once and each distinct prompt list encoded once (a sweep's cells)."""
+    r = plans[0].request
+    if any((q.request.lora, q.request.embedding) != (r.lora, r.embedding) for q in plans):
+        raise ValueError("the plans of one run_all must share their LoRAs and embeddings")
+    with (LoRAs(pipe, [parse_lora(spec) for spec in r.lora or ()]),  # for the runs, then taken off
+          Embeddings(pipe, [parse_embedding(spec) for spec in r.embedding or ()]), pipe.conditioner.remembering()):
+        for p in plans:
+            kw = dict(p.generate_kwargs(), generator=torch.Generator().manual_seed(p.request.seed), callback=callback,
+                      progress=progress, classifier=classifier)
+            if refiner is None:
+                yield generate(pipe, p.images, **p.inputs, **kw)
+                continue
+            z = generate(pipe, p.images, **p.inputs, **kw, denoising_end=p.request.refiner_start, output="latent")
+            yield generate(refiner, p.images, **kw, denoising_start=p.request.refiner_start, latents=z)
+
+
+def sweep_runs(request: Request, axes: typing.Sequence[tuple[str, list[Any]]], pipe: Pipeline,
+               refiner: Pipeline | None = None, classifier: NoisyClassifier | None = None,
+               progress: bool = False) -> typing.Iterator[tuple[Plan, Tensor]]:
+    """An X/Y/Z sweep run (`sweep`): every cell planned first (a cell the model cannot run is refused before any
+    work), then each cell's plan and images in turn, sharing one model, its LoRAs and embeddings, and the
+    prompts' encodings (`run_all`); with `progress`, a bar over the cells."""
+    plans = [plan(cell, pipe) for cell in sweep(request, axes)]
+    bar = tqdm(plans, desc="sweep", unit="cell", disable=not progress)
+    with contextlib.closing(run_all(plans, pipe, refiner, classifier=classifier)) as runs:
+        for p in bar:
+            bar.set_postfix_str(cell_label({name: getattr(p.request, name) for name, _ in axes}))
+            yield p, next(runs)
 
 
 @dataclass(frozen=True)
