@@ -196,7 +196,7 @@ def serve(args: argparse.Namespace) -> None:
     limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_side=args.max_side,
                     max_queue=args.max_queue)
     run_server(args.model or list(MODELS), args.host, args.port, args.device, args.dtype, args.outdir, limits,
-               args.threads, args.token, args.insecure_no_auth)
+               args.threads, args.token, args.insecure_no_auth, args.lora_dir, args.embedding_dir)
 
 
 def device_options(p: argparse.ArgumentParser) -> None:
@@ -375,6 +375,9 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=checked(int, within(0, 65535)), default=8000, help="port (0: a free one)")
     device_options(p)
     p.add_argument("--outdir", default="out/serve", help="results (as `sample` writes them) and uploaded inputs")
+    p.add_argument("--lora-dir", metavar="DIR", help="LoRA files the web UI offers by name (A1111's models/Lora)")
+    p.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion files a prompt uses by writing a file's "
+                                                          "name (A1111's embeddings/)")
     p.add_argument("--max-steps", type=checked(int, at_least(1)), default=Limits.max_steps,
                    help="the most sampling steps a request may ask")
     p.add_argument("--max-images", type=checked(int, at_least(1)), default=Limits.max_images,

@@ -78,6 +78,38 @@ def embedding_file(spec: str) -> str | None:
     return None if Path(path).is_file() else f"{spec!r}: no embedding file at {path}"
 
 
+LORA_FILES = (".safetensors", ".pt", ".ckpt", ".bin")
+EMBEDDING_FILES = (".safetensors", ".pt", ".bin")
+
+
+def named_files(folder: str | Path | None, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """The files in `folder` (not below it) with one of `suffixes`, by name without the suffix (what the web UI
+    chooses LoRAs and embeddings by, A1111's folders' way); {} without a folder."""
+    if folder is None:
+        return {}
+    return {f.stem: f for f in sorted(Path(folder).iterdir()) if f.suffix.lower() in suffixes and f.is_file()}
+
+
+def resolve_loras(specs: typing.Sequence[str], files: dict[str, Path]) -> list[str]:
+    """LoRAs chosen by name, NAME or NAME:SCALE, among `files` (`named_files`) -> FILE:SCALE specs; a ValueError
+    names one that is not among them."""
+    out = []
+    for spec in specs:
+        name, scale = parse_lora(spec)
+        if name not in files:
+            raise ValueError(f"unknown LoRA {name[:64]!r}{did_you_mean(name, files)}; available: "
+                             f"{', '.join(files) or 'none (serve --lora-dir DIR)'}")
+        out.append(f"{files[name]}:{scale:g}")
+    return out
+
+
+def mentioned_embeddings(texts: typing.Sequence[str], files: dict[str, Path]) -> list[str]:
+    """FILE:NAME specs of the embedding files among `files` whose name the texts contain, ignoring case: A1111's
+    embeddings folder, where a prompt uses an embedding by writing its file's name (the token)."""
+    text = " ".join(texts).lower()
+    return [f"{path}:{name}" for name, path in files.items() if name.lower() in text]
+
+
 def parse_outpaint(spec: str) -> dict[str, int]:
     """'left=128,right=64' -> {'left': 128, 'right': 64} (sides not named extend by 0); ValueError otherwise."""
     out = {}

@@ -35,7 +35,8 @@ from .images import grid_image, map_colours, standard_mode
 from .outputs import Destination, parameters, version, write
 from .pipelines import Pipeline
 from .prompts import SYNTAXES
-from .requests import TASKS, Limits, Plan, Request, check_task, load_model, plan, run
+from .requests import (EMBEDDING_FILES, LORA_FILES, TASKS, Limits, Plan, Request, check_task, load_model,
+                       mentioned_embeddings, named_files, plan, resolve_loras, run)
 from .samplers import SAMPLERS
 from .validation import did_you_mean
 
@@ -66,6 +67,8 @@ class JobRequest(BaseModel):
     prompt: list[Annotated[str, Prompt]] | None = Field(None, max_length=16, description="prompts, one row each")
     negative: list[Annotated[str, Prompt]] | None = Field(None, max_length=16,
                                                           description="one negative prompt, or one per prompt")
+    lora: list[Annotated[str, Field(max_length=200)]] | None = Field(
+        None, max_length=8, description="LoRAs of the server's --lora-dir by name, each NAME or NAME:SCALE")
     prompt_syntax: Literal[SYNTAXES] = Field(Request.prompt_syntax, description="a1111 (weights, long prompts) or "
                                                                              "plain")
     labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=1000,
@@ -434,8 +437,12 @@ class Server:
     """The served models, the queue, and how a request becomes a job."""
 
     def __init__(self, models: Sequence[str], device: str, dtype: str, outdir: str | Path, limits: Limits,
-                 threads: int = 0):
+                 threads: int = 0, lora_dir: str | Path | None = None, embedding_dir: str | Path | None = None):
         self.outdir, self.device = Path(outdir), device
+        for what, folder in (("--lora-dir", lora_dir), ("--embedding-dir", embedding_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"{what} {folder}: not a folder")
+        self.lora_dir, self.embedding_dir = lora_dir, embedding_dir
         self.models: dict[str, Served] = {}
         for source in models:
             folder = model_folder(source)
@@ -450,12 +457,18 @@ class Server:
         self.limits = dataclasses.replace(limits, max_side=limits.max_side or 8 * side)
         self.queue = JobQueue(self.models, self.limits, threads)
         self.model_info = {name: s.info(name) for name, s in self.models.items()}
-        self.description = {  # (fixed while the server runs: GET /api/models)
+        self.description = {  # (fixed while the server runs: GET /api/models, with the files of `files`)
             "models": list(self.model_info.values()), "samplers": list(SAMPLERS),
             "defaults": {"sampler": Request.sampler, "steps": Request.steps, "cfg": Request.cfg,
                          "ug_eta": Request.ug_eta, "cfg_until": Request.cfg_until, "cache": Request.cache,
                          "n": Request.n, "strength": defaults.STRENGTH, "mask_blur": defaults.MASK_BLUR, "prompt_syntax": Request.prompt_syntax,
                          "upsample_guidance": defaults.UG_W}, "limits": dataclasses.asdict(self.limits)}
+
+    def files(self) -> dict[str, dict[str, Path]]:
+        """The LoRA and embedding files served now, by name (read from their folders at each call, so that files
+        added while the server runs are offered)."""
+        return {"loras": named_files(self.lora_dir, LORA_FILES),
+                "embeddings": named_files(self.embedding_dir, EMBEDDING_FILES)}
 
     def prepare(self, req: JobRequest) -> Job:
         """Check a request against its model and the limits, save its uploads, and resolve it into a job
@@ -467,6 +480,10 @@ class Server:
         served, job_id = self.models[name], uuid.uuid4().hex
         check_task(req.task, served.pipe, name)  # (before the request's own checks of its inputs)
         fields = req.model_dump(exclude={"model", *UPLOADS})
+        files = self.files()  # LoRAs by name, embeddings by the names the prompts use: never a client's path
+        fields |= {"lora": resolve_loras(req.lora, files["loras"]) if req.lora else None,
+                   "embedding": mentioned_embeddings([*(req.prompt or ()), *(req.negative or ())],
+                                                     files["embeddings"]) or None}
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
         uploads = {field: getattr(req, key) for key, field in UPLOADS.items()}
         request = Request(**fields | {"seed": seed}, model=served.source, dtype=served.dtype, device=self.device,
@@ -488,13 +505,15 @@ class Server:
 
 def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype: str = "auto",
                outdir: str | Path = "out/serve", limits: Limits | None = None, threads: int = 0,
-               worker_thread: bool = True, host: str = "127.0.0.1", token: str | None = None) -> FastAPI:
+               worker_thread: bool = True, host: str = "127.0.0.1", token: str | None = None,
+               lora_dir: str | Path | None = None, embedding_dir: str | Path | None = None) -> FastAPI:
     """The FastAPI app serving `models` (bundled names or folders) from one worker on `device`, which samples
     with `threads` torch threads (0: torch's default) in a thread of its own, or with worker_thread=False
     wherever `app.state.server.queue.work()` is called (`serve`: the main thread, where torch's CPU kernels run
     about 25% faster than in other threads: BENCHMARKS.md). It answers only to loopback names and `host`, takes
-    state-changing requests only from its own origin, and with a `token` only from clients that present it."""
-    server = Server(models, device, dtype, outdir, limits or Limits(), threads)
+    state-changing requests only from its own origin, and with a `token` only from clients that present it.
+    LoRAs (`lora_dir`) and embeddings (`embedding_dir`) are chosen by name among the files of those folders."""
+    server = Server(models, device, dtype, outdir, limits or Limits(), threads, lora_dir, embedding_dir)
     upload = 4 * server.limits.max_upload // 3 + 4  # (base64)
     guard = Guard({*LOOPBACK, "[::1]", host.lower()}, max_body=len(UPLOADS) * upload + (64 << 10), token=token)
 
@@ -537,8 +556,8 @@ def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype
 
     @app.get("/api/models")
     async def models_() -> JSONResponse:
-        """The served models, samplers, defaults and limits."""
-        return JSONResponse(server.description)
+        """The served models, samplers, defaults and limits, and the names of the LoRAs and embeddings."""
+        return JSONResponse(server.description | {k: list(v) for k, v in server.files().items()})
 
     @app.post("/api/jobs", status_code=202)
     def submit(req: JobRequest) -> dict[str, Any]:
@@ -638,7 +657,8 @@ def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator
 
 def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, device: str = defaults.DEVICE,
           dtype: str = defaults.DTYPE, outdir: str | Path = "out/serve", limits: Limits | None = None,
-          threads: int = 0, token: str | None = None, insecure_no_auth: bool = False) -> None:
+          threads: int = 0, token: str | None = None, insecure_no_auth: bool = False,
+          lora_dir: str | Path | None = None, embedding_dir: str | Path | None = None) -> None:
     """`create_app` on host:port, run by uvicorn until interrupted (SIGINT or SIGTERM), its worker in this (the
     main) thread. Off loopback it needs a token: `token`, or a random one printed in the URL, unless
     `insecure_no_auth`."""
@@ -646,7 +666,8 @@ def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, devi
         token = secrets.token_urlsafe(24)
     if host not in LOOPBACK and token is None:
         print(f"warning: serving on {host} without authentication: anyone who reaches this address can use it")
-    app = create_app(models, device, dtype, outdir, limits, threads, worker_thread=False, host=host, token=token)
+    app = create_app(models, device, dtype, outdir, limits, threads, worker_thread=False, host=host, token=token,
+                     lora_dir=lora_dir, embedding_dir=embedding_dir)
     queue = app.state.server.queue
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # (SIGTERM stops as Ctrl-C does)
     with background(app, host, port) as url:

@@ -345,6 +345,45 @@ def test_a_text_model_takes_prompt_and_negative_prompt(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "000.png").convert("L")), first[0])
 
 
+def test_loras_and_embeddings_by_name_from_the_served_folders(tmp_path):
+    """LoRAs are chosen by name among --lora-dir's files, embeddings by a prompt writing an --embedding-dir file's
+    name; they change the images, the PNG records the files; a name not served or a path is refused (400)."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    from tests.test_interop import tiny_sd_folder
+    from tests.test_lora import lora_factors, peft_file
+
+    folder, parts = tiny_sd_folder(tmp_path / "sd", tmp_path / "vocab" / "files")
+    (tmp_path / "loras").mkdir(), (tmp_path / "embeddings").mkdir()
+    peft_file(tmp_path / "loras" / "style.safetensors", lora_factors(parts["unet"], parts["text_encoder"]))
+    (tmp_path / "loras" / "notes.txt").write_text("not a LoRA")
+    save_file({"emb_params": 3 * torch.randn(2, parts["text_encoder"].config.hidden_size)},
+              tmp_path / "embeddings" / "sks.safetensors")
+    app = create_app([str(folder)], dtype="fp32", outdir=tmp_path / "out", lora_dir=tmp_path / "loras",
+                     embedding_dir=tmp_path / "embeddings")
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        info = c.get("/api/models").json()
+        assert info["loras"] == ["style"] and info["embeddings"] == ["sks"]
+        body = dict(n=1, steps=2, seed=0)
+        plain, styled, token = (run(c, **body, **extra)["job"] for extra in (
+            {"prompt": ["a cat"]}, {"prompt": ["a cat"], "lora": ["style:0.5"]}, {"prompt": ["a sks cat"]}))
+        assert all(j["status"] == "done" for j in (plain, styled, token)), [plain["error"], styled["error"]]
+        assert styled["parameters"]["lora"] == [f"{(tmp_path / 'loras' / 'style.safetensors').resolve()}:0.5"]
+        assert token["parameters"]["embedding"] == [f"{(tmp_path / 'embeddings' / 'sks.safetensors').resolve()}:sks"]
+        assert plain["parameters"]["lora"] is None and plain["parameters"]["embedding"] is None
+        (tmp_path / "embeddings" / "sks.safetensors").rename(tmp_path / "embeddings" / "other.safetensors")
+        text = run(c, **body, prompt=["a sks cat"])["job"]  # the file renamed: 'sks' is text again
+        assert text["parameters"]["embedding"] is None and c.get("/api/models").json()["embeddings"] == ["other"]
+        plain, styled, token, text = (pixels(c.get(j["images"][0]).content) for j in (plain, styled, token, text))
+        assert not np.array_equal(plain, styled) and not np.array_equal(token, text)
+        for name in ("other", "../loras/style", str(tmp_path / "loras" / "style.safetensors"), "notes"):
+            r = c.post("/api/jobs", json={**body, "prompt": ["a cat"], "lora": [name]})
+            assert r.status_code == 400 and "unknown LoRA" in r.json()["detail"], r.text
+    with pytest.raises(ValueError, match="--lora-dir .*not a folder"):
+        create_app([str(folder)], lora_dir=tmp_path / "missing")
+
+
 def test_shutdown_cancels_the_running_and_the_waiting_jobs(tmp_path):
     app = create_app(["mnist"], outdir=tmp_path)
     with TestClient(app, base_url="http://127.0.0.1") as c:

@@ -5,9 +5,11 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("selenium")
@@ -305,4 +307,40 @@ def test_a_typed_layout_reaches_the_model_and_a_bad_one_is_named(driver, tmp_pat
         fill(page, layout=layout)
         job = generate(page, url)
         assert job["status"] == "done" and job["parameters"]["layout"] == layout
+        assert js_errors(page) == []
+
+
+def test_loras_and_embeddings_from_the_served_folders(driver, tmp_path):
+    """A text model served with LoRA and embedding folders: the page offers the LoRAs by name and lists the
+    embeddings; the chosen LoRAs, with their scales, reach the job; reuse restores them; removing one drops it."""
+    from safetensors.torch import save_file
+    from tests.test_interop import tiny_sd_folder
+    from tests.test_lora import lora_factors, peft_file
+
+    folder, parts = tiny_sd_folder(tmp_path / "sd", tmp_path / "vocab" / "files")
+    (tmp_path / "loras").mkdir(), (tmp_path / "embeddings").mkdir()
+    for name in ("style", "detail"):
+        peft_file(tmp_path / "loras" / f"{name}.safetensors", lora_factors(parts["unet"], parts["text_encoder"]))
+    save_file({"emb_params": torch.randn(2, parts["text_encoder"].config.hidden_size)},
+              tmp_path / "embeddings" / "sks.safetensors")
+    with live_server(models=(str(folder),), outdir=tmp_path / "serve", dtype="fp32", lora_dir=tmp_path / "loras",
+                     embedding_dir=tmp_path / "embeddings") as url:
+        page = load(driver, url)
+        assert page.find_element(By.ID, "lora-box").is_displayed() and options(page, "lora-name") == ["detail", "style"]
+        assert "sks" in page.find_element(By.ID, "embeddings-hint").text
+        fill(page, prompt="a sks cat", steps=2, n=1, **{"lora-name": "style", "lora-scale": 0.5})
+        page.find_element(By.ID, "add-lora").click()
+        fill(page, **{"lora-name": "detail", "lora-scale": 2})
+        page.find_element(By.ID, "add-lora").click()
+        assert [li.text.rstrip("×").strip() for li in page.find_elements(By.CSS_SELECTOR, "#loras li")] == [
+            "style: 0.5", "detail: 2"]
+        job = generate(page, url)
+        assert job["status"] == "done" and job["request"]["lora"] == ["style:0.5", "detail:2"]
+        assert [Path(s).name for s in job["parameters"]["lora"]] == ["style.safetensors:0.5", "detail.safetensors:2"]
+        assert job["parameters"]["embedding"][0].endswith("sks.safetensors:sks")
+        page.find_element(By.CSS_SELECTOR, "#loras li button").click()  # remove 'style'
+        assert len(page.find_elements(By.CSS_SELECTOR, "#loras li")) == 1
+        page.find_element(By.CSS_SELECTOR, "#gallery .job img").click()
+        page.find_element(By.ID, "reuse-settings").click()
+        assert len(page.find_elements(By.CSS_SELECTOR, "#loras li")) == 2
         assert js_errors(page) == []
