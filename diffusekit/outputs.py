@@ -4,8 +4,10 @@ it, from which `read_request` restores that request (`--from-png`)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +68,47 @@ class Destination:
 
 def parameters(p: Plan, model_path: str | Path) -> dict[str, Any]:
     """The parameters each PNG of a run records: the resolved request's fields that `read_request` restores,
-    the model's absolute path, the device and this version."""
+    the model's absolute path (and A1111's hash of a single-file model), the device and this version."""
     r = p.request
     return {**{k: getattr(r, k) for k in RESTORED}, "model_path": str(Path(model_path).resolve()),
-            "device": r.device, "diffusekit": version()}
+            "model_hash": model_hash(model_path), "device": r.device, "diffusekit": version()}
+
+
+def cache_dir() -> Path:
+    """diffusekit's cache folder: $XDG_CACHE_HOME/diffusekit, else ~/.cache/diffusekit."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusekit"
+
+
+def model_hash(path: str | Path) -> str | None:
+    """A1111's 'Model hash' of a single-file checkpoint (what civitai and image browsers match models by): the
+    first 10 hex digits of the file's SHA-256, kept in cache_dir()/hashes.json under the file's path, size and
+    modification time, as A1111 keeps its hashes, so that a file is read once; None for a model folder."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    stamp, file = [stat.st_size, stat.st_mtime_ns], cache_dir() / "hashes.json"
+    try:
+        cache = json.loads(file.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"][:10]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    cache[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    try:  # (atomically; without a writable cache the hash is computed each time)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, file)
+    except OSError:
+        pass
+    return digest.hexdigest()[:10]
 
 
 def write(images: Tensor, p: Plan, destination: Destination, model_path: str | Path) -> Path:
@@ -136,7 +175,8 @@ def a1111_text(record: dict[str, Any]) -> str:
     spacing = record["spacing"]
     fields = {"Steps": record["steps"], "Sampler": A1111_SAMPLERS[record["sampler"]],
               "Schedule type": A1111_SCHEDULES.get(spacing), "CFG scale": record["cfg"], "Seed": record["seed"],
-              "Size": f"{record['width']}x{record['height']}", "Model": Path(record["model_path"]).stem,
+              "Size": f"{record['width']}x{record['height']}", "Model hash": record.get("model_hash"),
+              "Model": Path(record["model_path"]).stem,
               "Denoising strength": record["strength"] if record.get("input_image") else None,
               "Spacing": spacing if spacing not in A1111_SCHEDULES else None, "Class": own.get("label"),
               "Upsample Guidance": record["upsample_guidance"],

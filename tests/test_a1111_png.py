@@ -78,3 +78,26 @@ def test_from_png_of_a1111(tmp_path, capsys):
     main(SAMPLE[:1] + ["--model", "mnist", "--sampler", "ddim", "--steps", "2", "--cfg", "2", "--seed", "7",
                        "--n", "1", "--labels", "3", "--out", str(tmp_path / "c.png")])
     assert (pixels(tmp_path / "b" / "000.png") == pixels(tmp_path / "c" / "000.png")).all()
+
+
+def test_model_hash_of_single_files_cached(tmp_path):
+    """A single-file checkpoint's 'Model hash' is A1111's (the SHA-256's first 10 hex digits), kept in the cache
+    by path, size and time, recomputed when the file changes; a folder has none."""
+    import hashlib
+    import json
+    import os
+
+    from diffusekit.outputs import cache_dir, model_hash
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"weights" * 1000)
+    assert model_hash(file) == hashlib.sha256(file.read_bytes()).hexdigest()[:10]
+    cache = cache_dir() / "hashes.json"
+    entries = json.loads(cache.read_text())
+    entries[str(file.resolve())]["sha256"] = "0123456789" + "0" * 54
+    cache.write_text(json.dumps(entries))
+    assert model_hash(file) == "0123456789"  # read from the cache, not the file
+    file.write_bytes(b"other weights")
+    os.utime(file, ns=(1, 1))
+    assert model_hash(file) == hashlib.sha256(b"other weights").hexdigest()[:10]
+    assert model_hash(tmp_path) is None
