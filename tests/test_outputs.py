@@ -72,8 +72,8 @@ def test_pngs_record_their_parameters(tmp_path):
                     "upsample_guidance": None, "ug_eta": 1.0, "interpolate_positions": False,
                     "height": 28, "width": 28, "vae_tile": None, "scale": 2, "input_image": None, "mask": None, "map": None, "layout": None,
                     "strength": None, "outpaint": None, "mask_blur": None,
-                    "text_encoder": None, "lora": None, "refiner": None, "refiner_start": 0.8, "dtype": AUTO, "device": "cpu",
-                    "diffusekit": version()}
+                    "text_encoder": None, "lora": None, "embedding": None, "refiner": None, "refiner_start": 0.8,
+                    "dtype": AUTO, "model_hash": None, "device": "cpu", "diffusekit": version()}
     assert read_parameters(tmp_path / "grid" / "001.png") == {**grid, "image": {"index": 1, "label": 5}}
     assert pixels(tmp_path / "grid" / "001.png").shape == (28, 28)
 
