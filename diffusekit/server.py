@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Iterator, Literal, Sequence
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -32,11 +32,12 @@ from PIL import Image
 from . import defaults
 from .bundled import MODELS, model_folder
 from .images import grid_image, map_colours, standard_mode
-from .outputs import Destination, parameters, version, write
+from .outputs import Destination, parameters, version, write, write_sweep
 from .pipelines import Pipeline
 from .prompts import SYNTAXES
-from .requests import (EMBEDDING_FILES, LORA_FILES, TASKS, Limits, Plan, Request, check_task, load_model,
-                       mentioned_embeddings, named_files, plan, resolve_loras, run)
+from .requests import (EMBEDDING_FILES, LORA_FILES, MAX_AXES, SWEEPABLE, TASKS, Limits, Plan, Request, cell_label,
+                       check_task, load_model, mentioned_embeddings, named_files, parse_sweep, plan, resolve_loras,
+                       run, run_all, sweep)
 from .samplers import SAMPLERS
 from .validation import did_you_mean
 
@@ -69,6 +70,8 @@ class JobRequest(BaseModel):
                                                           description="one negative prompt, or one per prompt")
     lora: list[Annotated[str, Field(max_length=200)]] | None = Field(
         None, max_length=8, description="LoRAs of the server's --lora-dir by name, each NAME or NAME:SCALE")
+    sweep: list[Annotated[str, Field(max_length=1000)]] | None = Field(
+        None, max_length=MAX_AXES, description="an X/Y/Z plot: one OPTION=V1,V2,... per axis (requests.SWEEPABLE)")
     prompt_syntax: Literal[SYNTAXES] = Field(Request.prompt_syntax, description="a1111 (weights, long prompts) or "
                                                                              "plain")
     labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=1000,
@@ -140,12 +143,13 @@ class Job:
     id: str
     model: str
     request: dict[str, Any]  # as the client sent it (without its images), with the model's name and the seed
-    plan: Plan
+    plan: Plan  # (a sweep's first cell)
     destination: Destination
     uploads: list[Path] = field(default_factory=list)  # its input files, removed if it never runs
     status: str = "queued"
     step: int = 0
     total: int = 0
+    done_steps: int = 0  # (a sweep's: the steps of its finished cells)
     preview: str | None = None  # data URL of the latest clean-image estimates
     error: str | None = None
     grid: Path | None = None
@@ -156,6 +160,8 @@ class Job:
     finished: float | None = None
     seconds: float | None = None  # sampling and writing
     cancel: threading.Event = field(default_factory=threading.Event)
+    axes: list[tuple[str, list[Any]]] = field(default_factory=list)  # a sweep's, and its cells' plans:
+    cells: list[Plan] = field(default_factory=list)
 
 
 class JobQueue:
@@ -258,14 +264,21 @@ class JobQueue:
                 last[0] = time.perf_counter()
                 preview = data_url(grid_image(pipe.decode(p.x0).float().clamp(-1, 1), job.plan.request.n))
             with self.lock:
-                job.step = i + 1
+                job.step = job.done_steps + i + 1
                 job.preview = preview or job.preview
 
         try:
-            images = run(job.plan, pipe, callback=on_step)
-            grid = write(images, job.plan, job.destination, served.folder)
-            state = dict(status="done", grid=grid, parameters=parameters(job.plan, served.folder), step=job.total,
-                         images=[grid.with_suffix("") / f"{k:03d}.png" for k in range(job.plan.images)])
+            if job.axes:
+                grid = write_sweep(self._cells(job, pipe, on_step), job.axes, job.destination, served.folder)
+                folders = [grid.with_suffix("") / cell_label({k: getattr(p.request, k) for k, _ in job.axes})
+                           for p in job.cells]
+                images = [f / f"{k:03d}.png" for f, p in zip(folders, job.cells) for k in range(p.images)]
+                record = parameters(job.plan, served.folder) | {"sweep": job.request["sweep"]}
+            else:
+                grid = write(run(job.plan, pipe, callback=on_step), job.plan, job.destination, served.folder)
+                images = [grid.with_suffix("") / f"{k:03d}.png" for k in range(job.plan.images)]
+                record = parameters(job.plan, served.folder)
+            state = dict(status="done", grid=grid, parameters=record, step=job.total, images=images)
         except Cancelled:
             state = dict(status="cancelled")
         except Exception as e:  # the job fails, the server goes on; a bug also shows its traceback
@@ -276,6 +289,16 @@ class JobQueue:
             for k, v in state.items():
                 setattr(job, k, v)
             job.seconds, job.finished = round(time.perf_counter() - t0, 3), time.time()
+
+
+    def _cells(self, job: Job, pipe: Pipeline, on_step: Callable) -> Iterator[tuple[Plan, torch.Tensor]]:
+        """A sweep job's cells and their images as they are sampled (`run_all`), its steps counted across them."""
+        with contextlib.closing(run_all(job.cells, pipe, callback=on_step)) as runs:
+            for p in job.cells:
+                images = next(runs)
+                with self.lock:
+                    job.done_steps += p.total_steps
+                yield p, images
 
 
 def discard(job: Job) -> None:
@@ -458,7 +481,7 @@ class Server:
         self.queue = JobQueue(self.models, self.limits, threads)
         self.model_info = {name: s.info(name) for name, s in self.models.items()}
         self.description = {  # (fixed while the server runs: GET /api/models, with the files of `files`)
-            "models": list(self.model_info.values()), "samplers": list(SAMPLERS),
+            "models": list(self.model_info.values()), "samplers": list(SAMPLERS), "sweepable": list(SWEEPABLE),
             "defaults": {"sampler": Request.sampler, "steps": Request.steps, "cfg": Request.cfg,
                          "ug_eta": Request.ug_eta, "cfg_until": Request.cfg_until, "cache": Request.cache,
                          "n": Request.n, "strength": defaults.STRENGTH, "mask_blur": defaults.MASK_BLUR, "prompt_syntax": Request.prompt_syntax,
@@ -479,7 +502,7 @@ class Server:
                              f"{', '.join(self.models)}")
         served, job_id = self.models[name], uuid.uuid4().hex
         check_task(req.task, served.pipe, name)  # (before the request's own checks of its inputs)
-        fields = req.model_dump(exclude={"model", *UPLOADS})
+        fields = req.model_dump(exclude={"model", "sweep", *UPLOADS})
         files = self.files()  # LoRAs by name, embeddings by the names the prompts use: never a client's path
         fields |= {"lora": resolve_loras(req.lora, files["loras"]) if req.lora else None,
                    "embedding": mentioned_embeddings([*(req.prompt or ()), *(req.negative or ())],
@@ -488,19 +511,26 @@ class Server:
         uploads = {field: getattr(req, key) for key, field in UPLOADS.items()}
         request = Request(**fields | {"seed": seed}, model=served.source, dtype=served.dtype, device=self.device,
                           **{k: "(upload)" for k, v in uploads.items() if v is not None})  # checked without files
-        self.limits.check(request)
+        axes = [parse_sweep(spec) for spec in req.sweep or ()]
+        for cell in sweep(request, axes):
+            self.limits.check(cell)
         paths = {k: str(save_upload(v, self.outdir / "inputs" / f"{job_id}-{k}.png", self.limits, k.removeprefix("input_")))
                  for k, v in uploads.items() if v is not None}
         try:
-            p = plan(dataclasses.replace(request, **paths), served.pipe)
-            self.limits.check_plan(p)
+            cells = [plan(cell, served.pipe) for cell in sweep(dataclasses.replace(request, **paths), axes)]
+            for p in cells:
+                self.limits.check_plan(p)
+            if (images := sum(p.images for p in cells)) > self.limits.max_images:
+                raise ValueError(f"the sweep's {len(cells)} cells make {images} images, over this server's limit of "
+                                 f"{self.limits.max_images} per job")
         except ValueError:
             for path in paths.values():  # a refused request leaves nothing behind
                 Path(path).unlink()
             raise
         view = req.model_dump(exclude=set(UPLOADS)) | {"model": name, "seed": seed}
-        return Job(job_id, name, view, p, Destination(outdir=str(self.outdir)), [Path(v) for v in paths.values()],
-                   total=p.total_steps)
+        return Job(job_id, name, view, cells[0], Destination(outdir=str(self.outdir)),
+                   [Path(v) for v in paths.values()], total=sum(p.total_steps for p in cells), axes=axes,
+                   cells=cells if axes else [])
 
 
 def create_app(models: Sequence[str] = tuple(MODELS), device: str = "cpu", dtype: str = "auto",

@@ -176,6 +176,11 @@ BAD = [  # (request, status, a phrase of the message)
     ({"label": 1}, 422, "Extra inputs"),
     ({"cfg_until": 0}, 422, "greater than 0"),
     ({"cache": 2, "cache_depth": 9}, 400, "0 <= depth <= 5"),
+    ({"sweep": ["cgf=1,2"]}, 400, "did you mean 'cfg'"),
+    ({"sweep": ["eta=0,1"]}, 400, "sweep cell eta=0"),
+    ({"sweep": ["steps=2,99"]}, 400, "steps 99 is over"),
+    ({"sweep": ["seed=1,2,3,4,5", "cfg=1,2,3,4,5,6,7"], "n": 2}, 400, "35 cells make 70 images"),
+    ({"sweep": ["cfg=1,2", "steps=1,2", "seed=1,2", "eta=0,1"]}, 422, "at most 3"),
 ]
 
 
@@ -194,6 +199,19 @@ def test_bad_requests_get_4xx_naming_the_problem(client, body, status, phrase):
 def test_no_path_reaches_a_file(client, path):
     r = client.get(path)
     assert r.status_code == 404 and b"root:" not in r.content
+
+
+def test_a_sweep_job(client):
+    """A sweep runs as one job: its steps counted across the cells, every cell's images in order, the labelled
+    plot as its grid, the sweep in its parameters, each cell as the job of its own options."""
+    out = run(client, labels=[4], n=1, steps=2, seed=3, sweep=["cfg=1,3", "steps=1,2"])
+    job, steps = out["job"], [e["step"] for kind, e in out["events"] if kind == "progress"]
+    assert job["status"] == "done" and job["total"] == 1 + 1 + 2 + 2 and steps == sorted(steps) and steps[-1] <= 6
+    assert len(job["images"]) == 4 and job["parameters"]["sweep"] == ["cfg=1,3", "steps=1,2"]
+    plot = Image.open(io.BytesIO(client.get(job["grid"]).content))
+    assert plot.width > 2 * 28 and plot.height > 2 * 28
+    alone = run(client, labels=[4], n=1, steps=2, seed=3, cfg=3)["job"]
+    assert np.array_equal(pixels(client.get(job["images"][3]).content), pixels(client.get(alone["images"][0]).content))
 
 
 def test_images_by_index_only(client):

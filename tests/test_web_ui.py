@@ -174,6 +174,27 @@ def test_generate_shows_progress_and_lands_in_gallery(page, server):
     assert js_errors(page) == []
 
 
+def test_an_xyz_plot(page, server):
+    """X and Y axes typed in the plot box run one sweep job: its plot is the result, every cell's images are in the
+    gallery card, and reuse puts the axes back."""
+    page.find_element(By.CSS_SELECTOR, "#sweep-box summary").click()
+    assert options(page, "sweep-x")[:3] == ["", "cfg", "steps"]
+    fill(page, label=3, steps=2, n=1, seed=5, **{"sweep-x": "cfg", "sweep-x-values": "1, 3",
+                                                 "sweep-y": "sampler", "sweep-y-values": "ddim,euler"})
+    job = generate(page, server)
+    assert job["status"] == "done" and job["request"]["sweep"] == ["cfg=1, 3", "sampler=ddim,euler"]
+    assert len(job["images"]) == 4 and job["total"] == 8 and job["parameters"]["sweep"] == job["request"]["sweep"]
+    card = page.find_element(By.CSS_SELECTOR, f'#gallery .job[data-id="{job["id"]}"]')
+    assert len(card.find_elements(By.TAG_NAME, "img")) == 4
+    fill(page, **{"sweep-x": "", "sweep-y": ""})
+    card.find_element(By.TAG_NAME, "img").click()
+    page.find_element(By.ID, "reuse-settings").click()
+    assert [page.find_element(By.ID, k).get_attribute("value") for k in ("sweep-x", "sweep-x-values", "sweep-y")] \
+        == ["cfg", "1, 3", "sampler"]
+    fill(page, **{"sweep-x": "", "sweep-y": ""})  # (the other tests run without a sweep)
+    assert js_errors(page) == []
+
+
 def source_as_input(page, server, label: int, seed: int) -> dict:
     """A finished 28x28 job of `label`, put in the page as the input image ("use as input" on its gallery card)."""
     status, source = call(server + "/api/jobs", {"model": "mnist", "labels": [label], "n": 1, "steps": 4, "seed": seed})
