@@ -18,7 +18,7 @@ from torch import Tensor
 from .bundled import MODELS
 from .images import (PARAMETERS, check_output_path, check_writable, grid_image, next_numbered, png_text,
                      read_parameters, save_grid, save_image, save_plot)
-from .requests import FIELDS, MAX_AXES, Plan, cell_label, parse_lora, task_of
+from .requests import FIELDS, MAX_AXES, Plan, cell_label, parse_embedding, parse_lora, task_of
 from .validation import type_problem
 
 RESTORED = [name for name in FIELDS if name not in ("task", "device", "compile")]  # what a PNG gives back
@@ -81,34 +81,48 @@ def cache_dir() -> Path:
 
 def model_hash(path: str | Path) -> str | None:
     """A1111's 'Model hash' of a single-file checkpoint (what civitai and image browsers match models by): the
-    first 10 hex digits of the file's SHA-256, kept in cache_dir()/hashes.json under the file's path, size and
-    modification time, as A1111 keeps its hashes, so that a file is read once; None for a model folder."""
+    first 10 hex digits of the file's SHA-256 (`file_hash`); None for a model folder."""
+    return file_hash(path)[:10] if Path(path).is_file() else None
+
+
+_HASHES: dict[tuple, str] = {}  # (this process's: without a writable cache a file is still read once)
+
+
+def file_hash(path: str | Path, body: bool = False) -> str:
+    """The SHA-256 of a file, or with `body` of a .safetensors file's tensors after its header (kohya's and A1111's
+    LoRA hash), kept in cache_dir()/hashes.json under the file's path, size and modification time as A1111 keeps
+    its hashes, so that a file is read once."""
     path = Path(path).resolve()
-    if not path.is_file():
-        return None
     stat = path.stat()
-    stamp, file = [stat.st_size, stat.st_mtime_ns], cache_dir() / "hashes.json"
+    body = body and path.suffix == ".safetensors"
+    key, stamp, file = f"{path}{'#body' * body}", [stat.st_size, stat.st_mtime_ns], cache_dir() / "hashes.json"
+    if (memo := _HASHES.get((key, *stamp))) is not None:
+        return memo
     try:
         cache = json.loads(file.read_text())
         cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}
-    entry = cache.get(str(path))
+    entry = cache.get(key)
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
-        return entry["sha256"][:10]
+        _HASHES[key, *stamp] = entry["sha256"]
+        return entry["sha256"]
     digest = hashlib.sha256()
     with path.open("rb") as f:
+        if body:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         while block := f.read(1 << 24):
             digest.update(block)
-    cache[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
-    try:  # (atomically; without a writable cache the hash is computed each time)
+    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    _HASHES[key, *stamp] = digest.hexdigest()
+    try:  # (atomically; a cache that cannot be written is left out)
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, file)
     except OSError:
         pass
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()
 
 
 def write(images: Tensor, p: Plan, destination: Destination, model_path: str | Path) -> Path:
@@ -171,7 +185,11 @@ def a1111_text(record: dict[str, Any]) -> str:
     its LoRAs as <lora:name:scale>), 'Negative prompt: ...', then 'Steps: 20, Sampler: DPM++ 2M, ...', with the
     keys of A1111_OURS for what A1111 lacks, so that PNG Info in A1111, civitai and image browsers show it."""
     own = record["image"]
-    loras = " ".join(f"<lora:{Path(f).stem}:{s:g}>" for f, s in map(parse_lora, record.get("lora") or ()))
+    lora_files = [parse_lora(spec) for spec in record.get("lora") or ()]
+    loras = " ".join(f"<lora:{Path(f).stem}:{s:g}>" for f, s in lora_files)
+    embeddings = [parse_embedding(spec) for spec in record.get("embedding") or ()]
+    hashes = {"Lora hashes": ", ".join(f"{Path(f).stem}: {file_hash(f, body=True)[:12]}" for f, _ in lora_files),
+              "TI hashes": ", ".join(f"{t or Path(f).stem}: {file_hash(f)[:12]}" for f, t in embeddings)}
     spacing = record["spacing"]
     fields = {"Steps": record["steps"], "Sampler": A1111_SAMPLERS[record["sampler"]],
               "Schedule type": A1111_SCHEDULES.get(spacing), "CFG scale": record["cfg"], "Seed": record["seed"],
@@ -182,6 +200,7 @@ def a1111_text(record: dict[str, Any]) -> str:
               "Upsample Guidance": record["upsample_guidance"],
               "UG eta": record["ug_eta"] if record["upsample_guidance"] is not None else None,
               "Prompt syntax": record["prompt_syntax"] if record["prompt_syntax"] != "a1111" else None,
+              **{k: v or None for k, v in hashes.items()},
               "Version": f"diffusekit {record['diffusekit']}"}
     line = ", ".join(f"{k}: {quoted(v)}" for k, v in fields.items() if v is not None)
     prompt = " ".join(filter(None, [own.get("prompt") or "", loras]))

@@ -80,13 +80,14 @@ def test_from_png_of_a1111(tmp_path, capsys):
     assert (pixels(tmp_path / "b" / "000.png") == pixels(tmp_path / "c" / "000.png")).all()
 
 
-def test_model_hash_of_single_files_cached(tmp_path):
+def test_model_hash_of_single_files_cached(tmp_path, monkeypatch):
     """A single-file checkpoint's 'Model hash' is A1111's (the SHA-256's first 10 hex digits), kept in the cache
     by path, size and time, recomputed when the file changes; a folder has none."""
     import hashlib
     import json
     import os
 
+    from diffusekit import outputs
     from diffusekit.outputs import cache_dir, model_hash
 
     file = tmp_path / "model.safetensors"
@@ -96,8 +97,18 @@ def test_model_hash_of_single_files_cached(tmp_path):
     entries = json.loads(cache.read_text())
     entries[str(file.resolve())]["sha256"] = "0123456789" + "0" * 54
     cache.write_text(json.dumps(entries))
+    monkeypatch.setattr(outputs, "_HASHES", {})  # (a new process: the hashes it remembers itself are gone)
     assert model_hash(file) == "0123456789"  # read from the cache, not the file
     file.write_bytes(b"other weights")
     os.utime(file, ns=(1, 1))
     assert model_hash(file) == hashlib.sha256(b"other weights").hexdigest()[:10]
     assert model_hash(tmp_path) is None
+    from safetensors.torch import save_file
+    import torch
+
+    from diffusekit.outputs import file_hash
+
+    save_file({"w": torch.arange(6.0)}, tmp_path / "lora.safetensors")  # kohya's LoRA hash: the bytes after the header
+    raw = (tmp_path / "lora.safetensors").read_bytes()
+    assert file_hash(tmp_path / "lora.safetensors", body=True) == hashlib.sha256(
+        raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest() != file_hash(tmp_path / "lora.safetensors")

@@ -11,7 +11,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from diffusekit.cli import main
-from diffusekit.images import read_parameters
+from diffusekit.images import png_text, read_parameters
+from diffusekit.outputs import file_hash
 from diffusekit.interop.lora import LoRAError, kohya_module, read_lora
 from diffusekit.pipelines.foreign import load_diffusers_pipeline
 from diffusekit.pipelines.lora import LoRAs
@@ -193,6 +194,8 @@ def test_lora_from_the_command_line(sd, tmp_path, capsys):
         "half", "--lora", f"{files['peft']}:0.5")
     assert np.array_equal(plain, zero) and not np.array_equal(plain, half)
     assert read_parameters(tmp_path / "half" / "000.png")["lora"] == [f"{files['peft'].resolve()}:0.5"]
+    infotext = png_text(tmp_path / "half" / "000.png")["parameters"]
+    assert "<lora:peft:0.5>" in infotext and f'Lora hashes: "peft: {file_hash(files["peft"], body=True)[:12]}"' in infotext
     main(["sample", "--from-png", str(tmp_path / "half" / "000.png"), "--out", str(tmp_path / "again.png")])
     assert np.array_equal(pixels(tmp_path / "again" / "000.png"), half)
     for bad, message in ((str(tmp_path / "missing.safetensors"), "no LoRA file"), (f"{files['peft']}:inf", "scale")):
