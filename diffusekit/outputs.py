@@ -18,7 +18,8 @@ from torch import Tensor
 from .bundled import MODELS
 from .images import (PARAMETERS, check_output_path, check_writable, grid_image, next_numbered, png_text,
                      read_parameters, save_grid, save_image, save_plot)
-from .requests import FIELDS, MAX_AXES, Plan, cell_label, parse_embedding, parse_lora, task_of
+from .requests import (FIELDS, MAX_AXES, Plan, axis_specs, cell_label, label_of, parse_embedding, parse_lora,
+                       task_of)
 from .validation import type_problem
 
 RESTORED = [name for name in FIELDS if name not in ("task", "device", "compile")]  # what a PNG gives back
@@ -155,7 +156,6 @@ def write_sweep(cells: Iterable[tuple[Plan, Tensor]], axes: Sequence[tuple[str, 
     images, with their parameters) in the folder of the plot's name, then the X/Y/Z plot of the cells' grids,
     labelled with the axes' values, recording the first cell's parameters and the sweep (--from-png reruns it).
     Returns the plot's path."""
-    names = [name for name, _ in axes]
     first: Plan | None = None
     tiles = []
     plot = Path(destination.out) if destination.out else None
@@ -169,14 +169,13 @@ def write_sweep(cells: Iterable[tuple[Plan, Tensor]], axes: Sequence[tuple[str, 
                     image.unlink()
                 if old.is_dir() and not any(old.iterdir()):
                     old.rmdir()
-        label = cell_label({name: getattr(p.request, name) for name in names})
-        write(images, p, Destination(str(plot.with_suffix("") / f"{label}.png"), overwrite=True), model_path)
+        write(images, p, Destination(str(plot.with_suffix("") / f"{label_of(p.request, axes)}.png"), overwrite=True),
+              model_path)
         tiles.append(grid_image(images, nrow=p.request.n, scale=p.request.scale))
     if first is None:
         raise ValueError("a sweep needs at least one cell")
     labels = [[cell_label({name: v}) for v in values] for name, values in axes] + [[""]] * (MAX_AXES - len(axes))
-    record = {**parameters(first, model_path),
-              "sweep": [f"{name}={','.join(map(str, values))}" for name, values in axes]}
+    record = {**parameters(first, model_path), "sweep": axis_specs(axes)}
     return save_plot(tiles, plot, *labels, parameters=record, text=a1111_text({**record, "image": first.own[0]}))
 
 

@@ -348,6 +348,16 @@ def cell_label(values: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
+def label_of(request: Request, axes: typing.Sequence[tuple[str, list[Any]]]) -> str:
+    """The `cell_label` of a sweep cell's request."""
+    return cell_label({name: getattr(request, name) for name, _ in axes})
+
+
+def axis_specs(axes: typing.Sequence[tuple[str, list[Any]]]) -> list[str]:
+    """Sweep axes as the OPTION=V1,V2,... specs that `parse_sweep` reads back (what PNGs record)."""
+    return [f"{name}={','.join(map(str, values))}" for name, values in axes]
+
+
 def task_of(fields: dict[str, Any]) -> str:
     """The task of request fields recorded without one (PNGs record their inputs, not the task): outpaint with
     its sides, inpaint with a mask, img2img with an input image and a strength, upscale with an input image
@@ -540,7 +550,7 @@ def sweep_runs(request: Request, axes: typing.Sequence[tuple[str, list[Any]]], p
     bar = tqdm(plans, desc="sweep", unit="cell", disable=not progress)
     with contextlib.closing(run_all(plans, pipe, refiner, classifier=classifier)) as runs:
         for p in bar:
-            bar.set_postfix_str(cell_label({name: getattr(p.request, name) for name, _ in axes}))
+            bar.set_postfix_str(label_of(p.request, axes))
             yield p, next(runs)
 
 

@@ -207,7 +207,7 @@ def test_a_sweep_job(client):
     out = run(client, labels=[4], n=1, steps=2, seed=3, sweep=["cfg=1,3", "steps=1,2"])
     job, steps = out["job"], [e["step"] for kind, e in out["events"] if kind == "progress"]
     assert job["status"] == "done" and job["total"] == 1 + 1 + 2 + 2 and steps == sorted(steps) and steps[-1] <= 6
-    assert len(job["images"]) == 4 and job["parameters"]["sweep"] == ["cfg=1,3", "steps=1,2"]
+    assert len(job["images"]) == 4 and job["parameters"]["sweep"] == ["cfg=1.0,3.0", "steps=1,2"]
     plot = Image.open(io.BytesIO(client.get(job["grid"]).content))
     assert plot.width > 2 * 28 and plot.height > 2 * 28
     alone = run(client, labels=[4], n=1, steps=2, seed=3, cfg=3)["job"]

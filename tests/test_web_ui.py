@@ -183,7 +183,7 @@ def test_an_xyz_plot(page, server):
                                                  "sweep-y": "sampler", "sweep-y-values": "ddim,euler"})
     job = generate(page, server)
     assert job["status"] == "done" and job["request"]["sweep"] == ["cfg=1, 3", "sampler=ddim,euler"]
-    assert len(job["images"]) == 4 and job["total"] == 8 and job["parameters"]["sweep"] == job["request"]["sweep"]
+    assert len(job["images"]) == 4 and job["total"] == 8 and job["parameters"]["sweep"] == ["cfg=1.0,3.0", "sampler=ddim,euler"]
     card = page.find_element(By.CSS_SELECTOR, f'#gallery .job[data-id="{job["id"]}"]')
     assert len(card.find_elements(By.TAG_NAME, "img")) == 4
     fill(page, **{"sweep-x": "", "sweep-y": ""})
