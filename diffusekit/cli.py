@@ -128,7 +128,8 @@ def sample(args: argparse.Namespace) -> None:
         axes = [parse_sweep(spec) for spec in args.sweep]
         path = write_sweep(sweep_runs(p.request, axes, pipe, refiner, classifier, progress=True), axes, destination,
                            model_folder(request.model))
-        print(f"{math.prod(len(values) for _, values in axes)} cells of {p.images} images in {time.perf_counter() - t0:.1f} s -> {path} and "
+        cells = math.prod(len(values) for _, values in axes)
+        print(f"{cells} cells of {p.images} images in {time.perf_counter() - t0:.1f} s -> {path} and "
               f"{path.with_suffix('')}{os.sep}")
         return
     images = run(p, pipe, refiner, progress=True, classifier=classifier)

@@ -513,7 +513,7 @@ class Conditioner:
         finally:
             self._memo = None
 
-    def forget_null(self) -> None:
+    def forget_encodings(self) -> None:
         """Drop the cached encodings, the empty prompt's and those `remembering` keeps (the text encoder changed,
         e.g. by a LoRA or an embedding)."""
         self._empty = None

@@ -160,8 +160,8 @@ class Job:
     finished: float | None = None
     seconds: float | None = None  # sampling and writing
     cancel: threading.Event = field(default_factory=threading.Event)
-    axes: list[tuple[str, list[Any]]] = field(default_factory=list)  # a sweep's, and its cells' plans:
-    cells: list[Plan] = field(default_factory=list)
+    axes: list[tuple[str, list[Any]]] = field(default_factory=list)  # a sweep's axes (none: a single run)
+    cells: list[Plan] = field(default_factory=list)  # and the plans of its cells
 
 
 class JobQueue:
@@ -288,7 +288,6 @@ class JobQueue:
             for k, v in state.items():
                 setattr(job, k, v)
             job.seconds, job.finished = round(time.perf_counter() - t0, 3), time.time()
-
 
     def _cells(self, job: Job, pipe: Pipeline, on_step: Callable) -> Iterator[tuple[Plan, torch.Tensor]]:
         """A sweep job's cells and their images as they are sampled (`run_all`), its steps counted across them."""

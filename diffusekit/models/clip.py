@@ -45,7 +45,7 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.g
 
 class Embeddings(nn.Module):
     """Token + position embeddings; ids from vocab_size on read the rows of `extra` (textual inversion's vectors
-    [n, d], set by TextEncoder.add_embeddings; not part of the state dict)."""
+    [n, d], set by TextEncoder.set_embeddings; not part of the state dict)."""
 
     def __init__(self, c: CLIPTextConfig):
         super().__init__()

@@ -40,14 +40,14 @@ class Embeddings:
             self.remove()
             raise EmbeddingError(f"{', '.join(str(p) for p, _ in files)}: {e} ({name})") from e
         if files:
-            pipe.conditioner.forget_null()
+            pipe.conditioner.forget_encodings()
 
     def remove(self) -> None:
         """Take the embeddings off (the text encoders' earlier ones back)."""
         for enc, old in self.saved:
             enc.set_embeddings(old)
         if self.saved:
-            self.pipe.conditioner.forget_null()
+            self.pipe.conditioner.forget_encodings()
         self.saved = []
 
     def __enter__(self) -> Embeddings:

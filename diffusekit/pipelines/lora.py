@@ -65,7 +65,7 @@ class LoRAs:
                         self.saved[id(net), t.name] = w.detach().clone()
                     layer.add_to(w[t.rows], self.scales[i])
         if self.layers:
-            self.pipe.conditioner.forget_null()
+            self.pipe.conditioner.forget_encodings()
 
     def _hook(self, i: int, layer: LoRALayer, t: Target):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
@@ -88,7 +88,7 @@ class LoRAs:
         if len(scales) != len(self.scales):
             raise ValueError(f"expected {len(self.scales)} scales, got {len(scales)}")
         self.scales[:] = map(float, scales)
-        self.pipe.conditioner.forget_null()
+        self.pipe.conditioner.forget_encodings()
 
     def remove(self) -> None:
         """Take the LoRAs off: the saved original values back (bit-exact), or the hooks removed."""
@@ -100,7 +100,7 @@ class LoRAs:
                     net.get_parameter(t.name).copy_(self.saved.pop(key))
         self.hooks = []
         if self.layers:
-            self.pipe.conditioner.forget_null()
+            self.pipe.conditioner.forget_encodings()
 
     def __enter__(self) -> LoRAs:
         return self
