@@ -126,13 +126,13 @@ def sample(args: argparse.Namespace) -> None:
     classifier = load_classifier(classifier_folder(request.classifier), pipe) if request.classifier else None
     if args.sweep:
         axes = [parse_sweep(spec) for spec in args.sweep]
-        path = write_sweep(sweep_runs(p.request, axes, pipe, refiner, classifier, progress=True), axes, destination,
-                           model_folder(request.model))
+        runs = sweep_runs(p.request, axes, pipe, refiner, classifier, progress=True, restore=False)
+        path = write_sweep(runs, axes, destination, model_folder(request.model))
         cells = math.prod(len(values) for _, values in axes)
         print(f"{cells} cells of {p.images} images in {time.perf_counter() - t0:.1f} s -> {path} and "
               f"{path.with_suffix('')}{os.sep}")
         return
-    images = run(p, pipe, refiner, progress=True, classifier=classifier)
+    images = run(p, pipe, refiner, progress=True, classifier=classifier, restore=False)  # (the process ends)
     path = write(images, p, destination, model_folder(request.model))
     print(f"{p.images} images of {p.request.height}x{p.request.width} in {time.perf_counter() - t0:.1f} s -> "
           f"{path} and {path.with_suffix('')}{os.sep}")

@@ -513,22 +513,23 @@ def batch(r: Request, pipe: Pipeline) -> tuple[dict[str, Any], list[str] | None,
 
 
 def run(p: Plan, pipe: Pipeline, refiner: Pipeline | None = None, callback: Callback | None = None,
-        progress: bool = False, classifier: NoisyClassifier | None = None) -> Tensor:
+        progress: bool = False, classifier: NoisyClassifier | None = None, restore: bool = True) -> Tensor:
     """Sample a plan's images (seeded by its request), the refiner, if given, finishing the schedule from
     refiner_start on, with the request's classifier (loaded: `load_classifier`) guiding and its LoRAs merged into
-    and its embeddings added to the first model for the run."""
-    return list(run_all([p], pipe, refiner, callback, progress, classifier))[0]
+    and its embeddings added to the first model for the run (restore=False: the LoRAs stay merged, keeping no
+    originals, for a process that ends after the run)."""
+    return list(run_all([p], pipe, refiner, callback, progress, classifier, restore))[0]
 
 
 def run_all(plans: typing.Sequence[Plan], pipe: Pipeline, refiner: Pipeline | None = None,
-            callback: Callback | None = None, progress: bool = False,
-            classifier: NoisyClassifier | None = None) -> typing.Iterator[Tensor]:
+            callback: Callback | None = None, progress: bool = False, classifier: NoisyClassifier | None = None,
+            restore: bool = True) -> typing.Iterator[Tensor]:
     """Each plan's images in turn, as `run` samples them, with the LoRAs and embeddings of the first plan (which
     all must share) applied once and each distinct prompt list encoded once (a sweep's cells)."""
     r = plans[0].request
     if any((q.request.lora, q.request.embedding) != (r.lora, r.embedding) for q in plans):
         raise ValueError("the plans of one run_all must share their LoRAs and embeddings")
-    with (LoRAs(pipe, [parse_lora(spec) for spec in r.lora or ()]),  # for the runs, then taken off
+    with (LoRAs(pipe, [parse_lora(spec) for spec in r.lora or ()], restore=restore),  # then taken off
           Embeddings(pipe, [parse_embedding(spec) for spec in r.embedding or ()]), pipe.conditioner.remembering()):
         for p in plans:
             kw = dict(p.generate_kwargs(), generator=torch.Generator().manual_seed(p.request.seed), callback=callback,
@@ -542,13 +543,13 @@ def run_all(plans: typing.Sequence[Plan], pipe: Pipeline, refiner: Pipeline | No
 
 def sweep_runs(request: Request, axes: typing.Sequence[tuple[str, list[Any]]], pipe: Pipeline,
                refiner: Pipeline | None = None, classifier: NoisyClassifier | None = None,
-               progress: bool = False) -> typing.Iterator[tuple[Plan, Tensor]]:
+               progress: bool = False, restore: bool = True) -> typing.Iterator[tuple[Plan, Tensor]]:
     """An X/Y/Z sweep run (`sweep`): every cell planned first (a cell the model cannot run is refused before any
     work), then each cell's plan and images in turn, sharing one model, its LoRAs and embeddings, and the
     prompts' encodings (`run_all`); with `progress`, a bar over the cells."""
     plans = [plan(cell, pipe) for cell in sweep(request, axes)]
     bar = tqdm(plans, desc="sweep", unit="cell", disable=not progress)
-    with contextlib.closing(run_all(plans, pipe, refiner, classifier=classifier)) as runs:
+    with contextlib.closing(run_all(plans, pipe, refiner, classifier=classifier, restore=restore)) as runs:
         for p in bar:
             bar.set_postfix_str(label_of(p.request, axes))
             yield p, next(runs)

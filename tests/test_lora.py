@@ -113,7 +113,8 @@ def test_lora_matches_diffusers_fuse(sd, fmt, scale):
 
 @torch.no_grad()
 def test_two_loras_and_changing_scales(sd):
-    """Two files add up (merged); unmerged, the scales change between calls without touching the weights."""
+    """Two files add up (merged); unmerged, the scales change between calls without touching the weights; with
+    restore=False no originals are kept and the model keeps the LoRA."""
     folder, parts, files = sd
     pipe = load_diffusers_pipeline(folder)
     weights = {k: v.clone() for k, v in pipe.net.state_dict().items()}
@@ -130,6 +131,11 @@ def test_two_loras_and_changing_scales(sd):
     assert torch.equal(outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts)[0],
                        pipe.net(*unet_inputs(parts["unet"])[:2], **unet_inputs(parts["unet"])[3]))
     hooked.remove()
+    with LoRAs(pipe, [(files["peft"], 0.75)], restore=False) as kept:  # (the command line's: no originals kept)
+        assert not kept.saved
+        assert all(max_diff(a, b) < 1e-5 for a, b in zip(outputs(pipe.net, lambda p: pipe.text_encoder(p)[0], parts),
+                                                         one))
+    assert not all(torch.equal(v, weights[k]) for k, v in pipe.net.state_dict().items())  # the model keeps it
     with pytest.raises(ValueError, match="merge=False"):
         LoRAs(pipe, [(files["peft"], 1.0)]).set_scales([0.5])
 

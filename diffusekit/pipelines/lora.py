@@ -35,12 +35,15 @@ def components(pipe: Pipeline) -> dict[str, tuple[nn.Module, list]]:
 class LoRAs:
     """LoRA files with their scales, applied to `pipe` (merged, or by hooks with merge=False) until `remove` (or
     the end of a with block). Every layer of every file is resolved and checked first: a LoRAError naming the
-    first layer that does not fit leaves the pipeline unchanged."""
+    first layer that does not fit leaves the pipeline unchanged. With restore=False (a process that ends after
+    its run, as the command line does) merged LoRAs keep no originals, saving their memory, and stay in the
+    model: `remove` then has nothing to put back."""
 
-    def __init__(self, pipe: Pipeline, files: Sequence[tuple[str | Path, float]], merge: bool = True):
+    def __init__(self, pipe: Pipeline, files: Sequence[tuple[str | Path, float]], merge: bool = True,
+                 restore: bool = True):
         nets = components(pipe)
         params = {name: dict(net.named_parameters()) for name, (net, _) in nets.items()}
-        self.pipe, self.merge, self.scales = pipe, merge, [float(s) for _, s in files]
+        self.pipe, self.merge, self.restore, self.scales = pipe, merge, restore, [float(s) for _, s in files]
         self.layers: list[tuple[int, LoRALayer, nn.Module, Target]] = []
         for i, (path, _) in enumerate(files):
             for layer in read_lora(path):
@@ -61,7 +64,7 @@ class LoRAs:
             with torch.no_grad():
                 for i, layer, net, t in self.layers:
                     w = net.get_parameter(t.name)
-                    if (id(net), t.name) not in self.saved:
+                    if self.restore and (id(net), t.name) not in self.saved:
                         self.saved[id(net), t.name] = w.detach().clone()
                     layer.add_to(w[t.rows], self.scales[i])
         if self.layers:
@@ -91,7 +94,8 @@ class LoRAs:
         self.pipe.conditioner.forget_encodings()
 
     def remove(self) -> None:
-        """Take the LoRAs off: the saved original values back (bit-exact), or the hooks removed."""
+        """Take the LoRAs off: the saved original values back (bit-exact), or the hooks removed (merged with
+        restore=False: nothing to do, the model keeps them)."""
         for h in self.hooks:
             h.remove()
         with torch.no_grad():
