@@ -3,6 +3,7 @@ load_lora_weights + fuse_lora(lora_scale=s) gives, merged and unmerged; scale 0 
 files are refused naming the layer, with the model unchanged."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -170,6 +171,69 @@ def test_bad_lora_files(sd, tmp_path):
     with pytest.raises(LoRAError, match="conv_in lacks its up factor"):
         read_lora(tmp_path / "half.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in pipe.net.state_dict().items())  # nothing was changed
+
+
+def lycoris_file(path, unet, kind: str, alpha: float = 4.0) -> dict[str, torch.Tensor]:
+    """A LyCORIS LoHa or LoKr file on an attention projection (linear), a resnet conv1 (3x3) and proj_in (SD 1.x's
+    1x1 conv) of a diffusers UNet; returns each module's dW with its gain, computed as LyCORIS documents it (LoKr
+    on a conv: w1 [o1, i1, 1, 1] (x) w2 [o2, i2, kh, kw])."""
+    g, state, deltas, r = torch.Generator().manual_seed(1), {}, {}, 2
+
+    def rand(*shape: int) -> torch.Tensor:
+        return 0.3 * torch.randn(*shape, generator=g)
+
+    for name, m in unet.named_modules():
+        if not name.endswith(("attentions.0.transformer_blocks.0.attn1.to_q", "resnets.0.conv1", "attentions.0.proj_in")):
+            continue
+        w, key = m.weight, "lora_unet_" + name.replace(".", "_")
+        (out, inn), kernel = w.shape[:2], w.shape[2:]
+        if kind == "loha":
+            f = {"hada_w1_a": rand(out, r), "hada_w1_b": rand(r, w[0].numel()), "hada_w2_a": rand(out, r),
+                 "hada_w2_b": rand(r, w[0].numel())}
+            delta = (alpha / r) * ((f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]))
+        else:
+            o1, i1 = 2, 2
+            f = {"lokr_w1": rand(o1, i1)}
+            if kernel == (3, 3):  # full factors: no alpha / r
+                f["lokr_w2"] = rand(out // o1, inn // i1, *kernel)
+                delta = torch.kron(f["lokr_w1"][:, :, None, None], f["lokr_w2"])
+            else:
+                f |= {"lokr_w2_a": rand(out // o1, r), "lokr_w2_b": rand(r, inn // i1 * math.prod(kernel))}
+                w2 = (f["lokr_w2_a"] @ f["lokr_w2_b"]).reshape(out // o1, inn // i1, *kernel)
+                delta = (alpha / r) * torch.kron(f["lokr_w1"].reshape(o1, i1, *[1] * len(kernel)), w2)
+        state |= {f"{key}.{k}": v for k, v in f.items()} | {f"{key}.alpha": torch.tensor(alpha)}
+        deltas[name] = delta.reshape(w.shape)
+    save_file(state, path)
+    return deltas
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@torch.no_grad()
+def test_lycoris_loha_and_lokr(sd, tmp_path, kind):
+    """LoHa and LoKr files, merged and unmerged, give the diffusers UNet with W += s dW computed by hand."""
+    folder, parts, _ = sd
+    deltas = lycoris_file(tmp_path / f"{kind}.safetensors", parts["unet"], kind)
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None).unet
+    for name, d in deltas.items():
+        ref.get_submodule(name).weight += 0.7 * d
+    x, t, theirs, kw = unet_inputs(ref)
+    want = ref(x, t, **theirs).sample
+    pipe = load_diffusers_pipeline(folder)
+    plain = pipe.net(x, t, **kw)
+    for merge in (True, False):
+        with LoRAs(pipe, [(tmp_path / f"{kind}.safetensors", 0.7)], merge=merge):
+            got = pipe.net(x, t, **kw)
+        assert max_diff(got, want) < 1e-4 and max_diff(got, plain) > 1e-2
+    assert torch.equal(pipe.net(x, t, **kw), plain)
+    state = load_file(tmp_path / f"{kind}.safetensors")
+    broken = {k: v for k, v in state.items() if not k.endswith(("hada_w2_b", "lokr_w1"))}
+    save_file(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(LoRAError, match="lacks its (hada_w2_b|lokr_w1 or lokr_w1_a) factor"):
+        read_lora(tmp_path / "broken.safetensors")
+    save_file({**state, next(iter(state)).rsplit(".", 1)[0] + ".hada_t1": torch.zeros(2, 2, 3, 3)},
+              tmp_path / "tucker.safetensors")
+    with pytest.raises(LoRAError, match="'hada_t1' layers .* are not read"):
+        read_lora(tmp_path / "tucker.safetensors")
 
 
 @pytest.mark.parametrize("kohya, dotted", [

@@ -1,7 +1,8 @@
 """LoRA files: kohya / A1111 (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`; LyCORIS LoCon's
-conv layers use the same keys) and diffusers / PEFT (`unet.<module>.lora_A.weight`, `.lora_B.weight`, alpha in
-the file's metadata). A layer's update is dW = (alpha / r) up @ down; `resolve` finds the parameter of our model
-it changes (and the rows of a fused q / k / v projection) through the same renaming rules as the checkpoints.
+conv layers use the same keys, LyCORIS LoHa and LoKr layers their `hada_` / `lokr_` factors) and diffusers / PEFT
+(`unet.<module>.lora_A.weight`, `.lora_B.weight`, alpha in the file's metadata). A layer's update is dW =
+(alpha / r) up @ down (LoHa, LoKr: `LoRALayer`); `resolve` finds the parameter of our model it changes (and the
+rows of a fused q / k / v projection) through the same renaming rules as the checkpoints.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from .common import PART, rename_key
 
 KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 PEFT = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
-KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
+               **{p: p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
+                                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}  # LoRA, LoHa, LoKr
+FACTORS = {"lora": ({"down"}, {"up"}), "loha": ({"hada_w1_a"}, {"hada_w1_b"}, {"hada_w2_a"}, {"hada_w2_b"}),
+           "lokr": ({"lokr_w1", "lokr_w1_a"}, {"lokr_w1", "lokr_w1_b"}, {"lokr_w2", "lokr_w2_a"},
+                    {"lokr_w2", "lokr_w2_b"})}  # what each kind needs: one of each set
 PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
 # names of the diffusers / transformers / LDM modules that hold an underscore, which kohya's names flatten
 COMPOUNDS = sorted((tuple(w.split("_")) for w in (
@@ -39,28 +45,75 @@ class LoRAError(CheckpointError):
 
 @dataclass(frozen=True, eq=False)
 class LoRALayer:
-    """One adapted weight: the source's module name (dotted, in the naming of its format's model), the down
-    [r, in(, kh, kw)] and up [out, r(, 1, 1)] factors and alpha (None: alpha = r)."""
+    """One adapted weight: the source's module name (dotted, in the naming of its format's model), its factors and
+    alpha (None: a gain of 1). The factors are LoRA's `down` [r, in(, kh, kw)] and `up` [out, r(, 1, 1)]: dW = up @
+    down; LyCORIS LoHa's hada_w1_a / _b, hada_w2_a / _b: dW = (w1_a @ w1_b) * (w2_a @ w2_b); or LyCORIS LoKr's
+    lokr_w1 (or lokr_w1_a @ lokr_w1_b) and lokr_w2 (or lokr_w2_a @ lokr_w2_b): dW = w1 (x) w2 (Kronecker)."""
 
     component: str  # unet, text_encoder or text_encoder_2
     module: str
-    down: Tensor
-    up: Tensor
+    factors: dict[str, Tensor]
     alpha: float | None = None
 
     @property
+    def kind(self) -> str:
+        """'lora', 'loha' or 'lokr'."""
+        return "lora" if "down" in self.factors else "loha" if "hada_w1_a" in self.factors else "lokr"
+
+    @property
+    def rank(self) -> int | None:
+        """r of alpha / r: LoRA's and LoHa's inner size, LoKr's decomposed factor's (None: LoKr of full factors)."""
+        f = self.factors
+        inner = {"lora": f.get("down"), "loha": f.get("hada_w1_b"), "lokr": f.get("lokr_w1_b", f.get("lokr_w2_b"))}
+        inner = inner[self.kind]
+        return None if inner is None else inner.shape[0]
+
+    @property
     def gain(self) -> float:
-        """alpha / r (1 without an alpha)."""
-        return self.alpha / self.down.shape[0] if self.alpha is not None else 1.0
+        """alpha / r (1 without an alpha, or for a LoKr of full factors), as kohya and LyCORIS scale."""
+        return self.alpha / self.rank if self.alpha is not None and self.rank else 1.0
+
+    def shape(self) -> tuple[int, int]:
+        """(out, the size of one output's weights) of dW; ValueError if the factors do not multiply."""
+        f, kind = self.factors, self.kind
+        pairs = {"lora": [("up", "down")], "loha": [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")],
+                 "lokr": [(f"lokr_w{i}_a", f"lokr_w{i}_b") for i in "12" if f"lokr_w{i}_a" in f]}[kind]
+        for a, b in pairs:
+            if f[a].shape[1] != f[b].shape[0]:
+                raise ValueError(f"its {a} {tuple(f[a].shape)} and {b} {tuple(f[b].shape)} do not multiply")
+        if kind == "lora":
+            return f["up"].shape[0], math.prod(f["down"].shape[1:])
+        if kind == "loha":
+            if (f["hada_w1_a"].shape[0], f["hada_w1_b"].shape[1]) != (f["hada_w2_a"].shape[0], f["hada_w2_b"].shape[1]):
+                raise ValueError("its two Hadamard factors differ in shape")
+            return f["hada_w1_a"].shape[0], f["hada_w1_b"].shape[1]
+        (o1, i1), w2 = self._kron_factor(1).shape, self._kron_factor(2)
+        return o1 * w2.shape[0], i1 * math.prod(w2.shape[1:])
+
+    def _kron_factor(self, i: int) -> Tensor:
+        f = self.factors
+        return f[f"lokr_w{i}"] if f"lokr_w{i}" in f else f[f"lokr_w{i}_a"].float() @ f[f"lokr_w{i}_b"].float()
+
+    def delta(self) -> Tensor:
+        """dW in float32 (without the gain), [out, size] (`shape`) but for LoRA's conv factors [out, in, kh, kw]."""
+        f = {k: v.float() for k, v in self.factors.items()}
+        if self.kind == "lora":
+            return (f["up"].flatten(1) @ f["down"].flatten(1)).reshape(f["up"].shape[0], *f["down"].shape[1:])
+        if self.kind == "loha":
+            return (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+        w1, w2 = self._kron_factor(1).float(), self._kron_factor(2).float()
+        w1 = w1.reshape(*w1.shape, *[1] * (w2.ndim - 2))  # (a conv w2 [o2, i2, kh, kw]: w1 [o1, i1, 1, 1])
+        return torch.kron(w1, w2).reshape(self.shape())
 
     def add_to(self, w: Tensor, scale: float) -> None:
-        """w += scale dW in place, dW = (alpha / r) up @ down, for w the adapted rows [out, in(, kh, kw)] of a weight
-        of any dtype (accumulated in float32; one pass over fp32 weights)."""
-        up, down, gain = self.up.flatten(1).float().to(w.device), self.down.flatten(1).float().to(w.device), self.gain
-        if w.dtype == torch.float32:
-            w.view(w.shape[0], -1).addmm_(up, down, alpha=scale * gain)
+        """w += scale (alpha / r) dW in place, for w the adapted rows [out, in(, kh, kw)] of a weight of any dtype
+        (accumulated in float32; LoRA in one pass over fp32 weights)."""
+        out, alpha = w.shape[0], scale * self.gain
+        if self.kind == "lora" and w.dtype == torch.float32:
+            up, down = self.factors["up"].flatten(1).float(), self.factors["down"].flatten(1).float()
+            w.view(out, -1).addmm_(up.to(w.device), down.to(w.device), alpha=alpha)
         else:
-            w.copy_(w.float().reshape(w.shape[0], -1).addmm_(up, down, alpha=scale * gain).reshape(w.shape))
+            w.copy_((w.float().reshape(out, -1) + alpha * self.delta().to(w.device).reshape(out, -1)).reshape(w.shape))
 
 
 def kohya_module(name: str) -> str:
@@ -91,6 +144,9 @@ def read_lora(path: str | Path) -> list[LoRALayer]:
         if not kohya:
             part = next((p for p in parts if key.endswith("." + p)), "")
             module = key[: -len(part) - 1] if part else None
+        if kohya and part not in parts:
+            raise LoRAError(f"{path}: {key}: {part!r} layers (LyCORIS Tucker / DoRA / full-weight kinds) are not "
+                            f"read; LoRA, LoCon, LoHa and LoKr are")
         if module is None or part not in parts:
             continue
         if kohya:
@@ -104,10 +160,12 @@ def read_lora(path: str | Path) -> list[LoRALayer]:
                         f"its keys start: {', '.join(list(state)[:4])}")
     layers = []
     for (component, module), g in groups.items():
-        if "down" not in g or "up" not in g:
-            raise LoRAError(f"{path}: {component} layer {module} lacks its {'up' if 'down' in g else 'down'} factor")
-        a = float(g["alpha"]) if "alpha" in g else alpha.get(component)
-        layers.append(LoRALayer(component, module, g["down"], g["up"], a))
+        a = float(g.pop("alpha")) if "alpha" in g else alpha.get(component)
+        layer = LoRALayer(component, module, g, a)
+        missing = [" or ".join(sorted(need)) for need in FACTORS[layer.kind] if not need & set(g)]
+        if missing:
+            raise LoRAError(f"{path}: {component} layer {module} lacks its {missing[0]} factor")
+        layers.append(layer)
     return layers
 
 
@@ -141,12 +199,15 @@ def resolve(layer: LoRALayer, params: dict[str, Tensor], rules: list[Callable[[s
             order = base.split(".")[-2] if part else ""
             n = w.shape[0] // len(order) if part else w.shape[0]
             rows = slice(order.index(part) * n, (order.index(part) + 1) * n) if part else slice(None)
-            shape = (layer.up.shape[0], *layer.down.shape[1:])  # dW's: [out, in(, kh, kw)]
-            if layer.up.shape[1] != layer.down.shape[0] or math.prod(shape) != w[rows].numel() or \
-                    shape[:2] != w[rows].shape[:2]:
-                raise LoRAError(f"LoRA layer {layer.module} ({layer.component}) has shape {shape} (rank "
-                                f"{layer.down.shape[0]}), the model's {base} {tuple(w[rows].shape)} (a LoRA made "
-                                f"for another model?)")
+            try:
+                shape = layer.shape()  # dW's (out, in x kh x kw)
+            except ValueError as e:
+                raise LoRAError(f"LoRA layer {layer.module} ({layer.component}): {e}") from None
+            lora_in = layer.factors["down"].shape[1] if layer.kind == "lora" else w.shape[1]  # (1x1 convs on linears)
+            if shape != (w[rows].shape[0], w[rows][0].numel()) or lora_in != w.shape[1]:
+                raise LoRAError(f"LoRA layer {layer.module} ({layer.component}) has shape {shape} ({layer.kind}, rank "
+                                f"{layer.rank}), the model's {base} {tuple(w[rows].shape)} (a LoRA made for another "
+                                f"model?)")
             return Target(base, rows)
     raise LoRAError(f"LoRA layer {layer.module} ({layer.component}) names a module this model lacks (a LoRA made "
                     f"for another model, e.g. SDXL on SD 1.x?)")

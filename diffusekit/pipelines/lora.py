@@ -58,8 +58,8 @@ class LoRAs:
 
     def _apply(self) -> None:
         if not self.merge:
-            self.hooks = [net.get_submodule(t.name.rpartition(".")[0]).register_forward_hook(self._hook(i, layer, t))
-                          for i, layer, net, t in self.layers]
+            self.hooks = [net.get_submodule(t.name.rpartition(".")[0]).register_forward_hook(
+                self._hook(i, layer, t, net.get_parameter(t.name))) for i, layer, net, t in self.layers]
         else:
             with torch.no_grad():
                 for i, layer, net, t in self.layers:
@@ -70,17 +70,24 @@ class LoRAs:
         if self.layers:
             self.pipe.conditioner.forget_encodings()
 
-    def _hook(self, i: int, layer: LoRALayer, t: Target):
+    def _hook(self, i: int, layer: LoRALayer, t: Target, weight: Tensor):
+        """The forward hook adding s (alpha / r) dW x to the rows `t.rows` of a layer's output: LoRA by its two
+        factors, LoHa and LoKr by their dW, made once (the shape of the layer's `weight` rows)."""
+        delta = None if layer.kind == "lora" else layer.delta().reshape(weight[t.rows].shape)
+
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
             x, s = inputs[0], self.scales[i] * layer.gain
             if s == 0:
                 return output
-            down, up = layer.down.to(x), layer.up.to(x)
             if isinstance(module, nn.Conv2d):
-                y = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
+                conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+                y = F.conv2d(x, delta.to(x), **conv) if delta is not None else F.conv2d(
+                    F.conv2d(x, layer.factors["down"].to(x), **conv), layer.factors["up"].to(x))
                 output[:, t.rows] += s * y
             else:
-                output[..., t.rows] += s * F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
+                y = F.linear(x, delta.to(x)) if delta is not None else F.linear(
+                    F.linear(x, layer.factors["down"].to(x).flatten(1)), layer.factors["up"].to(x).flatten(1))
+                output[..., t.rows] += s * y
             return output
         return hook
 
