@@ -280,8 +280,8 @@ def sample_options(p: argparse.ArgumentParser, sampler_help: str) -> None:
     p.add_argument("--refiner-start", type=field("refiner_start", float), default=defaults.REFINER_START,
                    help="the fraction of the steps after which the refiner takes over")
     p.add_argument("--lora", action=Rows, type=checked(str, lora_file), metavar="FILE[:SCALE]",
-                   help="a LoRA file (kohya / A1111, LyCORIS LoCon / LoHa / LoKr, diffusers / PEFT) merged into the model's UNet "
-                        "and text encoder at SCALE (default 1); repeat for several (docs/lora.md)")
+                   help="a LoRA file (kohya / A1111, LyCORIS LoCon / LoHa / LoKr, diffusers / PEFT) merged into the "
+                        "model's UNet and text encoder at SCALE (default 1); repeat for several (docs/lora.md)")
     p.add_argument("--embedding", action=Rows, type=checked(str, embedding_file), metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds): TOKEN "
                         "in the prompts reads as its vectors (default: the file's own token, else its name); repeat "
