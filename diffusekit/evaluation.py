@@ -52,16 +52,13 @@ def kid(f1: Tensor, f2: Tensor, subsets: int = 20, subset_size: int = 1000, seed
     """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / d + 1)^3,
     mean and std over random subsets."""
     g = torch.Generator().manual_seed(seed)
-    f1, f2 = f1.double(), f2.double()
     m = min(subset_size, len(f1), len(f2))
-    d = f1.shape[1]
     values = []
     for _ in range(subsets):
         x = f1[torch.randperm(len(f1), generator=g)[:m]]
         y = f2[torch.randperm(len(f2), generator=g)[:m]]
-        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        off = 1 - torch.eye(m, dtype=torch.float64)
-        values.append(((kxx * off).sum() + (kyy * off).sum()) / (m * (m - 1)) - 2 * kxy.mean())
+        values.append(off_diagonal_mean(cubic_kernel(x, x)) + off_diagonal_mean(cubic_kernel(y, y))
+                      - 2 * cubic_kernel(x, y).mean())
     v = torch.stack(values)
     return v.mean().item(), v.std().item()
 
