@@ -18,7 +18,7 @@ from torch import Tensor
 from .bundled import MODELS
 from .images import (PARAMETERS, check_output_path, check_writable, grid_image, next_numbered, png_text,
                      read_parameters, save_grid, save_image, save_plot)
-from .requests import (FIELDS, MAX_AXES, Plan, axis_specs, cell_label, label_of, parse_embedding, parse_lora,
+from .requests import (FIELDS, MAX_AXES, Plan, axis_specs, cell_label, cell_labels, parse_embedding, parse_lora,
                        task_of)
 from .validation import type_problem
 
@@ -159,7 +159,7 @@ def write_sweep(cells: Iterable[tuple[Plan, Tensor]], axes: Sequence[tuple[str, 
     first: Plan | None = None
     tiles = []
     plot = Path(destination.out) if destination.out else None
-    for p, images in cells:
+    for (p, images), label in zip(cells, cell_labels(axes)):
         first = first or p
         if plot is None:
             plot = next_numbered(destination.outdir, str(p.request.seed))
@@ -169,8 +169,7 @@ def write_sweep(cells: Iterable[tuple[Plan, Tensor]], axes: Sequence[tuple[str, 
                     image.unlink()
                 if old.is_dir() and not any(old.iterdir()):
                     old.rmdir()
-        write(images, p, Destination(str(plot.with_suffix("") / f"{label_of(p.request, axes)}.png"), overwrite=True),
-              model_path)
+        write(images, p, Destination(str(plot.with_suffix("") / f"{label}.png"), overwrite=True), model_path)
         tiles.append(grid_image(images, nrow=p.request.n, scale=p.request.scale))
     if first is None:
         raise ValueError("a sweep needs at least one cell")

@@ -283,12 +283,18 @@ FIELDS: dict[str, Any] = typing.get_type_hints(Request)  # every field's type, f
 
 SWEEPABLE = ("cfg", "steps", "sampler", "spacing", "seed", "eta", "variance", "upsample_guidance", "ug_eta",
              "interpolate_positions", "cfg_until", "cache", "cache_depth", "strength", "mask_blur", "height", "width",
-             "prompt_syntax", "classifier_scale", "refiner_start")  # what a sweep varies: the model and inputs stay
+             "prompt_syntax", "classifier_scale", "refiner_start",  # what a sweep varies: the model and inputs stay
+             "prompt")  # A1111's Prompt S/R: the first value is searched for and replaced by each value in turn
 MAX_AXES = 3  # X, Y and Z
 
 
 def sweep_value(name: str, text: str) -> Any:
-    """A sweep's value text as field `name`'s type (int, float, bool or str, tried in that order), checked."""
+    """A sweep's value text as field `name`'s type (int, float, bool or str, tried in that order), checked; a
+    prompt S/R value as it is (it names its cell's folder: no / or \\)."""
+    if name == "prompt":
+        if any(c in text for c in "/\\\0"):
+            raise ValueError(f"sweep prompt={text}: a prompt S/R value names its cell's folder: no / or \\")
+        return text
     kinds = typing.get_args(FIELDS[name]) or (FIELDS[name],)
     for kind in (bool, int, float, str):
         if kind in kinds:
@@ -326,21 +332,35 @@ def sweep_spec(spec: str) -> str | None:
     return None
 
 
+def cells(axes: typing.Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    """Each cell's values, {X: x, Y: y, Z: z}, the first axis (X) varying fastest."""
+    names = [name for name, _ in axes]
+    return [dict(zip(names, reversed(combo))) for combo in itertools.product(*(v for _, v in reversed(axes)))]
+
+
 def sweep(request: Request, axes: typing.Sequence[tuple[str, list[Any]]]) -> list[Request]:
-    """The cells of an X/Y/Z sweep: the request with each combination of the axes' values, the first axis (X)
-    varying fastest, every other field (the seed too, unless swept) the same; each cell is checked as a request,
-    so a combination that cannot run is refused, named, before any work."""
+    """The cells of an X/Y/Z sweep (`cells`): the request with each combination of the axes' values, every other
+    field (the seed too, unless swept) the same; a prompt axis replaces its first value, in the prompts and negative
+    prompts, by each value (A1111's Prompt S/R). Each cell is checked as a request, so a combination that cannot run
+    is refused, named, before any work."""
     names = [name for name, _ in axes]
     if len(axes) > MAX_AXES or len(set(names)) != len(names):
         raise ValueError(f"a sweep has at most {MAX_AXES} axes, each option once; got {', '.join(names)}")
-    cells = []
-    for combo in itertools.product(*(values for _, values in reversed(axes))):
-        values = dict(zip(reversed(names), combo))
+    search = dict(axes).get("prompt", [None])[0]
+    if search is not None and not any(search in p for p in request.prompt or ()):
+        raise ValueError(f"sweep prompt: {search!r}, the text its values replace, is in no prompt")
+    out = []
+    for values in cells(axes):
+        fields = dict(values)
+        if search is not None:
+            new = fields.pop("prompt")
+            fields |= {k: [p.replace(search, new) for p in v] for k in ("prompt", "negative")
+                       if (v := getattr(request, k))}
         try:
-            cells.append(dataclasses.replace(request, **values))
+            out.append(dataclasses.replace(request, **fields))
         except ValueError as e:
             raise ValueError(f"sweep cell {cell_label(values)}: {e}") from e
-    return cells
+    return out
 
 
 def cell_label(values: dict[str, Any]) -> str:
@@ -348,9 +368,9 @@ def cell_label(values: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
-def label_of(request: Request, axes: typing.Sequence[tuple[str, list[Any]]]) -> str:
-    """The `cell_label` of a sweep cell's request."""
-    return cell_label({name: getattr(request, name) for name, _ in axes})
+def cell_labels(axes: typing.Sequence[tuple[str, list[Any]]]) -> list[str]:
+    """The `cell_label` of each cell, in the order of `cells` (and `sweep`)."""
+    return [cell_label(values) for values in cells(axes)]
 
 
 def axis_specs(axes: typing.Sequence[tuple[str, list[Any]]]) -> list[str]:
@@ -548,10 +568,10 @@ def sweep_runs(request: Request, axes: typing.Sequence[tuple[str, list[Any]]], p
     work), then each cell's plan and images in turn, sharing one model, its LoRAs and embeddings, and the
     prompts' encodings (`run_all`); with `progress`, a bar over the cells."""
     plans = [plan(cell, pipe) for cell in sweep(request, axes)]
-    bar = tqdm(plans, desc="sweep", unit="cell", disable=not progress)
+    bar = tqdm(list(zip(plans, cell_labels(axes))), desc="sweep", unit="cell", disable=not progress)
     with contextlib.closing(run_all(plans, pipe, refiner, classifier=classifier, restore=restore)) as runs:
-        for p in bar:
-            bar.set_postfix_str(label_of(p.request, axes))
+        for p, label in bar:
+            bar.set_postfix_str(label)
             yield p, next(runs)
 
 

@@ -36,7 +36,7 @@ from .outputs import Destination, parameters, version, write, write_sweep
 from .pipelines import Pipeline
 from .prompts import SYNTAXES
 from .requests import (EMBEDDING_FILES, LORA_FILES, MAX_AXES, SWEEPABLE, TASKS, Limits, Plan, Request, axis_specs,
-                       check_task, label_of, load_model, mentioned_embeddings, named_files, parse_sweep, plan,
+                       cell_labels, check_task, load_model, mentioned_embeddings, named_files, parse_sweep, plan,
                        resolve_loras, run, run_all, sweep)
 from .samplers import SAMPLERS
 from .validation import did_you_mean
@@ -270,8 +270,8 @@ class JobQueue:
         try:
             if job.axes:
                 grid = write_sweep(self._cells(job, pipe, on_step), job.axes, job.destination, served.folder)
-                images = [grid.with_suffix("") / label_of(p.request, job.axes) / f"{k:03d}.png" for p in job.cells
-                          for k in range(p.images)]
+                images = [grid.with_suffix("") / label / f"{k:03d}.png"
+                          for p, label in zip(job.cells, cell_labels(job.axes)) for k in range(p.images)]
                 record = parameters(job.plan, served.folder) | {"sweep": axis_specs(job.axes)}
             else:
                 grid = write(run(job.plan, pipe, callback=on_step), job.plan, job.destination, served.folder)

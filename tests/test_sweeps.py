@@ -22,6 +22,7 @@ from .test_interop import _one_thread, tiny_sd_folder  # noqa: F401  (the fixtur
     ("--upsample-guidance=auto,0.5,-1", ("upsample_guidance", ["auto", 0.5, -1.0])),
     ("sampler=ddim,euler", ("sampler", ["ddim", "euler"])),
     ("interpolate_positions=true,false", ("interpolate_positions", [True, False])),
+    ("prompt=cat, red fox", ("prompt", ["cat", "red fox"])),
 ])
 def test_parse_sweep(spec, want):
     name, values = parse_sweep(spec)
@@ -32,6 +33,7 @@ def test_parse_sweep(spec, want):
     ("cgf=1,2", "did you mean 'cfg'"), ("model=a,b", "OPTION one of"), ("cfg", "OPTION=V1"),
     ("steps=1.5", "not an integer"), ("steps=0,1", "steps must be"), ("sampler=ddim,dim", "did you mean 'ddim'"),
     ("cfg=1,1", "distinct values"), ("cfg=", "distinct values"), ("eta=2", "eta must be"),
+    ("prompt=cat,a/b", "no / or"),
 ])
 def test_bad_sweeps(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -49,6 +51,20 @@ def test_cells_in_x_fastest_order_with_one_seed():
         sweep(base, [parse_sweep(s) for s in ("cfg=1,2", "steps=1,2", "seed=1,2", "eta=0,1")])
     with pytest.raises(ValueError, match="each option once"):
         sweep(base, [parse_sweep("cfg=1,2"), parse_sweep("cfg=3,4")])
+
+
+def test_prompt_search_and_replace():
+    """A1111's Prompt S/R: the first value is searched for in the prompts and negative prompts and replaced by each
+    value in turn (the first cell unchanged); a first value in no prompt is refused."""
+    base = Request(model="sd", prompt=["a cat on a cat", "a dog"], negative=["cat hair"], seed=1)
+    cells = sweep(base, [parse_sweep("prompt=cat,red fox"), parse_sweep("cfg=1,2")])
+    assert [(c.prompt, c.negative, c.cfg) for c in cells] == [
+        (["a cat on a cat", "a dog"], ["cat hair"], 1.0), (["a red fox on a red fox", "a dog"], ["red fox hair"], 1.0),
+        (["a cat on a cat", "a dog"], ["cat hair"], 2.0), (["a red fox on a red fox", "a dog"], ["red fox hair"], 2.0)]
+    assert requests.cell_labels([parse_sweep("prompt=cat,red fox"), parse_sweep("cfg=1,2")]) == [
+        "prompt=cat,cfg=1", "prompt=red fox,cfg=1", "prompt=cat,cfg=2", "prompt=red fox,cfg=2"]
+    with pytest.raises(ValueError, match="'horse', the text its values replace, is in no prompt"):
+        sweep(base, [parse_sweep("prompt=horse,cow")])
 
 
 @pytest.fixture(scope="module")
@@ -92,4 +108,7 @@ def test_sweep_from_the_command_line(sd, tmp_path, capsys):
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "plot.png"))
     assert np.array_equal(pixels(tmp_path / "again" / "cfg=1,steps=2" / "000.png"),
                           pixels(tmp_path / "plot" / "cfg=1,steps=2" / "000.png"))
+    main([*base, "--sweep", "prompt=cat,dog", "--out", str(tmp_path / "sr.png")])
+    main([*base[:4], "a dog", *base[5:], "--out", str(tmp_path / "dog.png")])
+    assert np.array_equal(pixels(tmp_path / "dog" / "000.png"), pixels(tmp_path / "sr" / "prompt=dog" / "000.png"))
     assert "exists" in fails([*base, "--sweep", "cfg=1,5", "--out", str(tmp_path / "plot.png")], capsys)
