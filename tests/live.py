@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -47,3 +52,32 @@ def wait(base: str, job_id: str, timeout: float = 120) -> dict[str, Any]:
             return job
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+
+
+@contextlib.contextmanager
+def serve_process(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`diffusekit serve ARGS` in a subprocess, its output read continuously (a full pipe would block it), and its
+    line naming the URL; on leaving, it must stop on Ctrl-C (SIGINT) within a minute, else the failure shows its output
+    and, where py-spy is installed, the stacks it was stuck in."""
+    proc = subprocess.Popen([sys.executable, "-m", "diffusekit", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    while (first := proc.stdout.readline()) and not first.startswith("diffusekit: "):
+        lines.append(first)  # (warnings before the server's line)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        yield proc, first.strip()
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy = shutil.which("py-spy")
+            stacks = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True,
+                                    timeout=60).stdout if spy else "(no py-spy)"
+            pytest.fail(f"serve did not stop on SIGINT; its output: {''.join(lines)[-4000:]}\nstacks:\n{stacks}")
+        reader.join(timeout=10)
+        assert code == 0, "".join(lines)[-4000:]
+    finally:
+        proc.kill()
+        proc.wait()

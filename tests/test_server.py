@@ -5,11 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.live import call, live_server, wait
+from tests.live import call, live_server, serve_process, wait
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -314,11 +311,9 @@ def test_serve_command_starts_serves_and_stops_on_ctrl_c(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "diffusekit", "serve", "--model", "mnist", "--port", str(port),
-                             "--outdir", str(tmp_path), "--max-steps", "8"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout.readline().strip() == f"diffusekit: mnist at http://127.0.0.1:{port}/"
+    with serve_process("--model", "mnist", "--port", str(port), "--outdir", str(tmp_path), "--max-steps", "8") as (
+            proc, first):
+        assert first == f"diffusekit: mnist at http://127.0.0.1:{port}/"
         base = f"http://127.0.0.1:{port}"
         for _ in range(100):  # (the line comes just before uvicorn binds)
             try:
@@ -330,37 +325,6 @@ def test_serve_command_starts_serves_and_stops_on_ctrl_c(tmp_path):
         status, job = call(f"{base}/api/jobs", {"labels": [4], "n": 1, "steps": 2, "seed": 0})
         assert wait(base, job["id"])["status"] == "done"
         assert len(list(tmp_path.glob("*/000.png"))) == 1  # written in --outdir as `sample` writes
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        proc.kill()
-
-
-def test_a_text_model_takes_prompt_and_negative_prompt(tmp_path):
-    """A (tiny, random) Stable Diffusion folder served by its path: prompts reach the model, and the PNG
-    reruns from the command line."""
-    pytest.importorskip("diffusers")
-    from tests.test_interop import tiny_sd_folder
-
-    folder = tiny_sd_folder(tmp_path / "sd", tmp_path / "vocab" / "files")[0]
-    app = create_app([str(folder)], dtype="fp32", outdir=tmp_path / "out")
-    with TestClient(app, base_url="http://127.0.0.1") as c:
-        info = c.get("/api/models").json()["models"]
-        assert [(m["name"], m["kind"], m["tasks"]) for m in info] == [("sd", "text", ["sample", "img2img", "inpaint", "outpaint"])]
-        job = run(c, prompt=["a cat"], negative=["dog"], n=2, steps=2, seed=0)["job"]
-        assert job["status"] == "done", job["error"]
-        assert job["parameters"]["prompt"] == ["a cat"] and job["parameters"]["negative"] == ["dog"]
-        other = run(c, prompt=["a dog"], negative=["dog"], n=2, steps=2, seed=0)["job"]
-        first = [pixels(c.get(j["images"][0]).content) for j in (job, other)]
-        assert not np.array_equal(*first)  # the prompt changes the image
-        grid = tmp_path / "grid.png"
-        grid.write_bytes(c.get(job["grid"]).content)
-        r = c.post("/api/jobs", json={"n": 1, "steps": 2})
-        assert r.status_code == 400 and "text-conditional: pass --prompt" in r.json()["detail"]
-        r = c.post("/api/jobs", json={"labels": [1], "prompt": ["a cat"], "n": 1, "steps": 2})
-        assert r.status_code == 400 and "text-conditional" in r.json()["detail"]
-    main(["sample", "--from-png", str(grid), "--out", str(tmp_path / "again.png")])
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "000.png").convert("L")), first[0])
 
 
 def test_loras_and_embeddings_by_name_from_the_served_folders(tmp_path):

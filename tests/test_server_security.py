@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.live import call, live_server, wait
+from tests.live import call, live_server, serve_process, wait
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -119,17 +119,13 @@ def test_a_token_guards_every_request_and_the_page_keeps_it_in_a_cookie(tmp_path
 
 
 def test_serving_off_loopback_needs_a_token(tmp_path):
-    server = subprocess.Popen([sys.executable, "-m", "diffusekit", "serve", "--model", "mnist14", "--host", "0.0.0.0",
-                               "--port", "0", "--outdir", str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        url = server.stdout.readline().split(" at ")[-1].strip()
+    with serve_process("--model", "mnist14", "--host", "0.0.0.0", "--port", "0", "--outdir", str(tmp_path)) as (
+            _, first):
+        url = first.split(" at ")[-1].strip()
         assert "?token=" in url
         port, token = url.split(":")[2].split("/")[0], url.split("token=")[1]
         assert call(f"http://127.0.0.1:{port}/api/models")[0] == 401
         assert call(f"http://127.0.0.1:{port}/api/models?token={token}")[0] == 200
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
 
 
 def test_docs_need_no_network_and_the_schema_stays(client):
