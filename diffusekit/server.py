@@ -697,7 +697,8 @@ def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, devi
     app = create_app(models, device, dtype, outdir, limits, threads, worker_thread=False, host=host, token=token,
                      lora_dir=lora_dir, embedding_dir=embedding_dir)
     queue = app.state.server.queue
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # (SIGTERM stops as Ctrl-C does)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both stop it (SIGINT too where the parent had it ignored, as a
+        signal.signal(sig, signal.default_int_handler)  # shell does for background jobs: Python then leaves it so)
     with background(app, host, port) as url:
         print(f"diffusekit: {', '.join(app.state.server.models)} at {url}/"
               + (f"?token={token}" if token else ""), flush=True)
