@@ -150,6 +150,11 @@ def write(images: Tensor, p: Plan, destination: Destination, model_path: str | P
         raise
 
 
+def sweep_parameters(first: Plan, axes: Sequence[tuple[str, list[Any]]], model_path: str | Path) -> dict[str, Any]:
+    """What a sweep's plot records: its first cell's parameters and the axes (--from-png reruns the sweep)."""
+    return {**parameters(first, model_path), "sweep": axis_specs(axes)}
+
+
 def write_sweep(cells: Iterable[tuple[Plan, Tensor]], axes: Sequence[tuple[str, list[Any]]],
                 destination: Destination, model_path: str | Path) -> Path:
     """A sweep's cells, each written as a run of its own as it arrives (`write`: 'cfg=5,steps=20.png' and its
@@ -174,7 +179,7 @@ def write_sweep(cells: Iterable[tuple[Plan, Tensor]], axes: Sequence[tuple[str, 
     if first is None:
         raise ValueError("a sweep needs at least one cell")
     labels = [[cell_label({name: v}) for v in values] for name, values in axes] + [[""]] * (MAX_AXES - len(axes))
-    record = {**parameters(first, model_path), "sweep": axis_specs(axes)}
+    record = sweep_parameters(first, axes, model_path)
     return save_plot(tiles, plot, *labels, parameters=record, text=a1111_text({**record, "image": first.own[0]}))
 
 

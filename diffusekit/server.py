@@ -32,10 +32,10 @@ from PIL import Image
 from . import defaults
 from .bundled import MODELS, model_folder
 from .images import grid_image, map_colours, standard_mode
-from .outputs import Destination, parameters, version, write, write_sweep
+from .outputs import Destination, parameters, sweep_parameters, version, write, write_sweep
 from .pipelines import Pipeline
 from .prompts import SYNTAXES
-from .requests import (EMBEDDING_FILES, LORA_FILES, MAX_AXES, SWEEPABLE, TASKS, Limits, Plan, Request, axis_specs,
+from .requests import (EMBEDDING_FILES, LORA_FILES, MAX_AXES, SWEEPABLE, TASKS, Limits, Plan, Request,
                        cell_labels, check_task, load_model, mentioned_embeddings, named_files, parse_sweep, plan,
                        resolve_loras, run, run_all, sweep)
 from .samplers import SAMPLERS
@@ -272,7 +272,7 @@ class JobQueue:
                 grid = write_sweep(self._cells(job, pipe, on_step), job.axes, job.destination, served.folder)
                 images = [grid.with_suffix("") / label / f"{k:03d}.png"
                           for p, label in zip(job.cells, cell_labels(job.axes)) for k in range(p.images)]
-                record = parameters(job.plan, served.folder) | {"sweep": axis_specs(job.axes)}
+                record = sweep_parameters(job.plan, job.axes, served.folder)
             else:
                 grid = write(run(job.plan, pipe, callback=on_step), job.plan, job.destination, served.folder)
                 images = [grid.with_suffix("") / f"{k:03d}.png" for k in range(job.plan.images)]
