@@ -75,9 +75,10 @@ def upsample(x: Tensor, s: int) -> Tensor:
 
 def upsample_guidance_weight(w: float | str) -> float:
     """w itself, or for 'auto' defaults.UG_AUTO_W, the weight measured best (docs/upsample_guidance.md): on 1,000
-    digits per weight and two judges, Frechet distance falls from w = 0 to 0.5 at CFG 2 and 3. w = 0 would be the
-    projection (D[x0~] is exactly the low-resolution model's x0), but it leaves the high-resolution pass's speckle;
-    larger weights push the low frequencies past both models, which saturates the strokes and clears it."""
+    digits per weight and two judges, the best of the sweep at CFG 1.5, 2 and 3. No rule from the model's own
+    consistency can pick it: D[x0~] - x0_low = w (x0_low - D[x0]) is least at w = 0 (the projection), the weight
+    measured worst; larger weights push the low frequencies past the low-resolution model, which clears the
+    high-resolution pass's speckle, until w = 1 overshoots."""
     if w == defaults.UG_AUTO:
         return defaults.UG_AUTO_W
     if isinstance(w, str):

@@ -173,6 +173,12 @@ def parse_setting(name: str) -> tuple[float, str]:
     return float(cfg), sampler or SAMPLER
 
 
+def setting_order(folder: Path) -> tuple[bool, float, str]:
+    """Settings with the default sampler first, then by CFG scale."""
+    cfg, sampler = parse_setting(folder.name)
+    return sampler != SAMPLER, cfg, sampler
+
+
 def sample(args) -> None:
     methods = Methods(args)
     labels = torch.arange(10).repeat_interleave(args.per_class)
@@ -230,19 +236,40 @@ def report(args) -> None:
     real, floor, floor_labels = ev.judge_sets(per_class=args.per_class)
     for family in args.family or [f for f in FAMILIES if (Path(args.samples) / f).is_dir()]:
         results, text = {"per_class": args.per_class, "judges": list(judges), "scales": {}}, []
-        for folder in sorted((Path(args.samples) / family).glob("cfg*"), key=lambda p: parse_setting(p.name)):
+        for folder in sorted((Path(args.samples) / family).glob("cfg*"), key=setting_order):
             cfg, sampler = parse_setting(folder.name)
             runs = {p.stem: np.load(p) for p in sorted(folder.glob("*.npz")) if p.name != SMALL}
             if runs and (not args.cfg or cfg in args.cfg):
                 results["scales"][folder.name[3:]] = score(
                     argparse.Namespace(**{**vars(args), "cfg": cfg, "sampler": sampler, "family": family}),
                     folder.name, runs, judges, real, floor, floor_labels, text)
+        text[:0] = [across_settings(results["scales"], list(judges)), ""]
         name = family + "".join(f"_cfg{c:g}" for c in args.cfg)  # a partial report beside the whole one
         (out / f"results_{name}.json").write_text(json.dumps(results, indent=1))
         (out / f"tables_{name}.md").write_text(
             f"Written by `python experiments/upsample_guidance.py report --family {family}`. Each cell: the estimate "
             "and its 95% bootstrap interval; bold: ties the best of its column (the paired difference's interval "
             "holds 0).\n\n" + "\n".join(text) + "\n")
+
+
+def across_settings(scales: dict, judges: list[str]) -> str:
+    """One table of every method (rows, best first at the first setting) across the settings (columns): the first
+    judge's Frechet distance and interval, the second's in brackets; bold: ties the best of its column."""
+    first, second = judges[0], judges[-1]
+    names = {n for scale in scales.values() for n in scale[first] if n not in (ev.FLOOR, "_best")}
+    order = max((s[first] for s in scales.values()), key=len)  # the setting with the most methods
+    names = sorted(names, key=lambda n: order[n]["frechet"])
+    lines = ["### Frechet distance at every setting: " + f"{first} (interval) [{second}]; rows in the order of the setting with the most methods\n",
+             "| method | " + " | ".join(f"CFG {k.replace('_', ', ')}" for k in scales) + " |",
+             "| --- " * (1 + len(scales)) + "|",
+             "| real digits (floor) | " + " | ".join(
+                 f"{s[first][ev.FLOOR]['frechet']:.1f} [{s[second][ev.FLOOR]['frechet']:.1f}]" for s in scales.values())
+             + " |"]
+    for n in names:
+        cells = [f"{cell(s[first][n], 'frechet', '.1f')} [{s[second][n]['frechet']:.1f}]" if n in s[first] else ""
+                 for s in scales.values()]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def score(args, folder: str, runs: dict, judges: dict, real: torch.Tensor, floor: torch.Tensor,
@@ -273,6 +300,55 @@ def score(args, folder: str, runs: dict, judges: dict, real: torch.Tensor, floor
     for method, images in samples.items():
         ev.save_class_grid(images, args.per_class, Path(args.out) / f"{args.family}_{folder}_{method}.png")
     return scale
+
+
+def pooled_pixels(x: torch.Tensor) -> torch.Tensor:
+    """The features of the consistency rules: a 28x28 digit 2x2-pooled to 14x14 (a 14x14 one as it is), as pixels."""
+    return (F.avg_pool2d(x, 2) if x.shape[-1] == 28 else x).flatten(1)
+
+
+def consistency(args) -> None:
+    """The rules for `auto` that need no judge, measured: pick the UG weight whose 28x28 samples, 2x2-pooled, are
+    distributed most like (a) the 14x14 model's own samples at the same CFG scale (the model's consistency, all a
+    user of a new model has) or (b) real digits pooled to 14x14 (the training data's low frequencies). Each is
+    Frechet distance and KID in pooled pixels over the 1,000 paired samples, with bootstrap intervals, beside both
+    judges' ranking of the weights alone (ties to the best weight) -> <out>/consistency_unet.md and .json."""
+    real, floor, floor_labels = ev.judge_sets(per_class=args.per_class)
+    classifiers = {"shipped classifier": ev.load_mnist_classifier(),
+                   "independent judge": ev.load_mnist_classifier(args.judge)}
+    result, text = {}, []
+    for folder in sorted((Path(args.samples) / "unet").glob("cfg*"), key=setting_order):
+        weights = sorted((p.stem for p in folder.glob("ug*.npz") if re.fullmatch(r"ug[0-9.]+", p.stem)),
+                         key=lambda n: float(n[2:]))
+        if not weights:
+            continue
+        samples = {n: from_uint8(np.load(folder / f"{n}.npz")["images"]) for n in weights}
+        small = from_uint8(np.load(folder / SMALL)["images"])
+        rules = {"the 14x14 model's samples": ev.judge_table(pooled_pixels, samples, None, small, floor,
+                                                              rounds=args.rounds),
+                 "real digits, pooled": ev.judge_table(pooled_pixels, samples, None, real, floor,
+                                                       rounds=args.rounds)}
+        labels = torch.from_numpy(np.load(folder / f"{weights[0]}.npz")["labels"])
+        judges = {name: ev.judge_table(j.features, samples, labels, real, floor, floor_labels, j.head, args.rounds)
+                  for name, j in classifiers.items()}
+        result[folder.name] = {"rules": rules, "judges": judges, "weights": weights}
+        lines = [f"### unet, {folder.name}\n", "| w | " + " | ".join(
+            f"pooled vs {r}: Frechet | KID" for r in rules) + " | " + " | ".join(f"{j}: Frechet" for j in judges)
+            + " |", "| --- " * (1 + 2 * len(rules) + len(judges)) + "|"]
+        for n in weights:
+            cells = [cell(t[n], m, f) for t in rules.values() for m, f in (("frechet", ".2f"), ("kid", ".4f"))]
+            cells += [cell(j[n], "frechet", ".1f") for j in judges.values()]
+            lines.append(f"| {n[2:]} | " + " | ".join(cells) + " |")
+        floor_row = rules["the 14x14 model's samples"][ev.FLOOR]
+        lines += ["", f"Real digits pooled vs the 14x14 model's samples (the low model's own gap): Frechet "
+                  f"{floor_row['frechet']:.2f}.", ""]
+        text += lines
+        print("\n".join(lines), flush=True)
+    (Path(args.out) / "consistency_unet.json").write_text(json.dumps(result, indent=1))
+    (Path(args.out) / "consistency_unet.md").write_text(
+        "Written by `python experiments/upsample_guidance.py consistency`. Pooled pixels: the 28x28 samples 2x2-pooled "
+        "to 14x14, values in [-1, 1]; each cell the estimate and its 95% bootstrap interval, bold: ties "
+        "the best of its column. The judges' columns rank the weights alone (bold: ties the best weight).\n\n" + "\n".join(text) + "\n")
 
 
 @torch.no_grad()
@@ -338,12 +414,16 @@ def main() -> None:
     c.add_argument("--low", help="the LDM (default: the latent family's)")
     c.add_argument("--n", type=int, default=1000)
     c.add_argument("--rounds", type=int, default=200)
-    for p in (a, b):
+    d = sub.add_parser("consistency", help="the judge-free rules for auto, measured on the stored UNet samples")
+    d.add_argument("--judge", default="docs/upsample_guidance/judge", help="the independent classifier's folder")
+    d.add_argument("--per-class", type=int, default=100)
+    d.add_argument("--rounds", type=int, default=200)
+    for p in (a, b, d):
         p.add_argument("--samples", default="docs/upsample_guidance/samples")
-    for p in (b, c):
+    for p in (b, c, d):
         p.add_argument("--out", default="docs/upsample_guidance")
     args = ap.parse_args()
-    {"sample": sample, "report": report, "mismatch": mismatch}[args.command](args)
+    {"sample": sample, "report": report, "mismatch": mismatch, "consistency": consistency}[args.command](args)
 
 
 if __name__ == "__main__":

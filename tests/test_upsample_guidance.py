@@ -228,3 +228,26 @@ def test_the_auto_weight_and_bad_weights():
     assert upsample_guidance_weight(defaults.UG_AUTO) == defaults.UG_AUTO_W and upsample_guidance_weight(0.7) == 0.7
     with pytest.raises(ValueError, match="must be a number or 'auto', got 'best'"):
         upsample_guidance_weight("best")
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 1.0])
+def test_pooled_prediction_lies_w_times_the_disagreement_past_the_low_res_one(w):
+    """D[x0~] = (1 + w) x0_low - w D[x0], so D[x0~] - x0_low = w (x0_low - D[x0]): the pooled guided prediction
+    agrees with the low-resolution model exactly at w = 0 and moves away linearly in w. A rule choosing w by that
+    consistency therefore always picks w = 0 (docs/upsample_guidance.md, "The weight", measured worst), shown here
+    on a random network whose two resolutions disagree."""
+    from diffusekit.models import build
+
+    torch.manual_seed(0)
+    net = build("unet", dict(in_channels=1, out_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                             attention_levels=(), context_dim=None, norm_groups=4))
+    schedule = SCHEDULES["vp"]
+    den = NetworkDenoiser(net, schedule, "eps")
+    x, t = torch.randn(3, 1, 32, 32, generator=gen(1)), torch.full((3,), 500.0)
+    with torch.no_grad():
+        plain, guided = den(x, t), UpsampleGuidance(den, schedule, 2, w)(x, t)
+        tau, rho = schedule.pooled_time(t, 2)
+        low = den(downsample(x, 2) / rho[:, None, None, None], tau).x0
+    disagreement = low - downsample(plain.x0, 2)
+    assert disagreement.abs().mean() > 0.05  # the two resolutions really disagree
+    torch.testing.assert_close(downsample(guided.x0, 2) - low, w * disagreement, atol=1e-5, rtol=1e-5)
