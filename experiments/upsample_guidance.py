@@ -5,6 +5,8 @@ the same seeds, 100 per class, judged by two classifiers with bootstrap interval
     python experiments/upsample_guidance.py sample --family dit --methods naive naive+pi ug0 ug0+pi bicubic
     python experiments/upsample_guidance.py report    # docs/upsample_guidance/{results,tables}_<family>.*, PNGs
     python experiments/upsample_guidance.py mismatch  # the LDM autoencoder's latent of a pooled image vs pooled latent
+    python experiments/upsample_guidance.py consistency  # the judge-free rules for `auto`, on the stored UNet samples
+    python experiments/upsample_guidance.py time --methods naive bicubic sr ug0.5  # seconds per 1,000 digits, idle
 
 Families (the low-resolution model): `unet` (bundled mnist14, 14x14 -> 28x28), `dit` (runs/mnist_dit_14/model from
 configs/mnist_dit_14.toml, 7x7 -> 14x14 tokens), `latent` (runs/mnist_ldm/model from configs/mnist_ldm.toml,
@@ -203,6 +205,29 @@ def sample(args) -> None:
         print(f"{method}: {seconds:.1f} s", flush=True)
 
 
+def timing(args) -> None:
+    """Wall-clock seconds per 1,000 digits of each method as a whole (both stages), on an otherwise idle machine:
+    `rounds` runs of 10 x per_class digits each, the methods in alternating order -> <out>/timing_<family>.json."""
+    methods = Methods(args)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    stages, small = {m: methods.stage(m) for m in args.methods}, methods.small()
+    seconds: dict[str, list[float]] = {m: [] for m in args.methods}
+    for r in tqdm(range(args.rounds), desc="rounds"):
+        for m in args.methods if r % 2 == 0 else args.methods[::-1]:
+            (stage, uses_small), g = stages[m], torch.Generator().manual_seed(r)
+            t0 = time.perf_counter()
+            if uses_small:
+                methods.first = iter([small(labels, g)])
+            stage(labels, g)
+            seconds[m].append((time.perf_counter() - t0) * 1000 / len(labels))
+    result = {"setting": setting(args.cfg, args.sampler), "digits_per_run": len(labels),
+              "threads": torch.get_num_threads(), "seconds_per_1000": {
+                  m: {"median": float(np.median(v)), "rounds": v} for m, v in seconds.items()}}
+    print("\n".join(f"{m}: {v['median']:.1f} s / 1,000 digits" for m, v in result["seconds_per_1000"].items()))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"timing_{args.family}.json").write_text(json.dumps(result, indent=1))
+
+
 # ----------------------------------------------------------------------------- report
 
 def cell(row: dict, metric: str, fmt: str) -> str:
@@ -253,13 +278,14 @@ def report(args) -> None:
 
 
 def across_settings(scales: dict, judges: list[str]) -> str:
-    """One table of every method (rows, best first at the first setting) across the settings (columns): the first
-    judge's Frechet distance and interval, the second's in brackets; bold: ties the best of its column."""
+    """One table of every method (rows, in the order of the setting with the most methods) across the settings
+    (columns): the first judge's Frechet distance and interval, the second's in brackets; bold: ties the best of
+    its column."""
     first, second = judges[0], judges[-1]
     names = {n for scale in scales.values() for n in scale[first] if n not in (ev.FLOOR, "_best")}
     order = max((s[first] for s in scales.values()), key=len)  # the setting with the most methods
     names = sorted(names, key=lambda n: order[n]["frechet"])
-    lines = ["### Frechet distance at every setting: " + f"{first} (interval) [{second}]; rows in the order of the setting with the most methods\n",
+    lines = [f"### Frechet distance at every setting: {first} (interval) [{second}]\n",
              "| method | " + " | ".join(f"CFG {k.replace('_', ', ')}" for k in scales) + " |",
              "| --- " * (1 + len(scales)) + "|",
              "| real digits (floor) | " + " | ".join(
@@ -346,9 +372,10 @@ def consistency(args) -> None:
         print("\n".join(lines), flush=True)
     (Path(args.out) / "consistency_unet.json").write_text(json.dumps(result, indent=1))
     (Path(args.out) / "consistency_unet.md").write_text(
-        "Written by `python experiments/upsample_guidance.py consistency`. Pooled pixels: the 28x28 samples 2x2-pooled "
-        "to 14x14, values in [-1, 1]; each cell the estimate and its 95% bootstrap interval, bold: ties "
-        "the best of its column. The judges' columns rank the weights alone (bold: ties the best weight).\n\n" + "\n".join(text) + "\n")
+        "Written by `python experiments/upsample_guidance.py consistency`. Pooled pixels: the 28x28 samples "
+        "2x2-pooled to 14x14, values in [-1, 1]; each cell the estimate and its 95% bootstrap interval, bold: ties "
+        "the best of its column. The judges' columns rank the weights alone (bold: ties the best weight).\n\n"
+        + "\n".join(text) + "\n")
 
 
 @torch.no_grad()
@@ -389,18 +416,22 @@ def main() -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     a = sub.add_parser("sample", help="sample the methods not yet saved")
     a.add_argument("--methods", nargs="+", required=True)
-    a.add_argument("--family", choices=FAMILIES, default="unet", help="the low-resolution model's kind")
-    a.add_argument("--low", help="the low-resolution model (default: the family's)")
-    a.add_argument("--high", default="mnist")
-    a.add_argument("--sr", default="mnist_sr")
-    a.add_argument("--cfg", type=float, default=2.0)
-    a.add_argument("--sampler", default=SAMPLER)
-    a.add_argument("--steps", type=int, default=20)
     a.add_argument("--per-class", type=int, default=100)
     a.add_argument("--batch", type=int, default=250)
     a.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("time", help="wall-clock seconds per 1,000 digits of each method, alternating rounds")
+    for p in (a, e):
+        p.add_argument("--family", choices=FAMILIES, default="unet", help="the low-resolution model's kind")
+        p.add_argument("--low", help="the low-resolution model (default: the family's)")
+        p.add_argument("--high", default="mnist")
+        p.add_argument("--sr", default="mnist_sr")
+        p.add_argument("--cfg", type=float, default=2.0)
+        p.add_argument("--sampler", default=SAMPLER)
+        p.add_argument("--steps", type=int, default=20)
+    e.add_argument("--methods", nargs="+", required=True)
+    e.add_argument("--per-class", type=int, default=10)
+    e.add_argument("--rounds", type=int, default=3)
     b = sub.add_parser("report", help="score every saved method")
-    b.add_argument("--judge", default="docs/upsample_guidance/judge", help="the independent classifier's folder")
     b.add_argument("--per-class", type=int, default=100)
     b.add_argument("--rounds", type=int, default=200, help="bootstrap resamples")
     b.add_argument("--subsets", type=int, nargs="*", default=[20], help="also rank the first N per class")
@@ -415,15 +446,17 @@ def main() -> None:
     c.add_argument("--n", type=int, default=1000)
     c.add_argument("--rounds", type=int, default=200)
     d = sub.add_parser("consistency", help="the judge-free rules for auto, measured on the stored UNet samples")
-    d.add_argument("--judge", default="docs/upsample_guidance/judge", help="the independent classifier's folder")
     d.add_argument("--per-class", type=int, default=100)
     d.add_argument("--rounds", type=int, default=200)
     for p in (a, b, d):
         p.add_argument("--samples", default="docs/upsample_guidance/samples")
-    for p in (b, c, d):
+    for p in (b, d):
+        p.add_argument("--judge", default="docs/upsample_guidance/judge", help="the independent classifier's folder")
+    for p in (b, c, d, e):
         p.add_argument("--out", default="docs/upsample_guidance")
     args = ap.parse_args()
-    {"sample": sample, "report": report, "mismatch": mismatch, "consistency": consistency}[args.command](args)
+    commands = {"sample": sample, "time": timing, "report": report, "consistency": consistency, "mismatch": mismatch}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
