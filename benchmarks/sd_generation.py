@@ -6,6 +6,7 @@ a * per-step (process start, imports, loading, text encoding, VAE decode, writin
 
     python benchmarks/sd15_folder.py /tmp/sd15
     python benchmarks/sd_generation.py /tmp/sd15 --size 256 --steps 1 3 --rounds 2 --threads 2
+    python benchmarks/sd_generation.py /tmp/sd15 --size 512 --steps 1 20 --rounds 1 --dtype bf16
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import sys
 import tempfile
 import time
 
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # our --dtype name -> diffusers' torch_dtype
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 DIFFUSERS = r"""
 import sys, torch
 from diffusers import StableDiffusionPipeline
 folder, steps, size, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                               torch_dtype=torch.float32)
+                                               torch_dtype=getattr(torch, sys.argv[6]))
 image = pipe(sys.argv[5], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
              generator=torch.Generator().manual_seed(0)).images[0]
 image.save(out)
@@ -45,7 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs=2, default=[1, 3])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32"])
+    ap.add_argument("--dtype", default="fp32", choices=list(TORCH_DTYPES), help="both sides' dtype")
     a = ap.parse_args()
     out = tempfile.mkdtemp()
     sides = {
@@ -54,7 +56,7 @@ def main() -> None:
                                  "--height", str(a.size), "--width", str(a.size), "--dtype", a.dtype,
                                  "--outdir", out],
         "diffusers": lambda k: [sys.executable, "-c", DIFFUSERS, a.folder, str(k), str(a.size), f"{out}/d.png",
-                                PROMPT],
+                                PROMPT, TORCH_DTYPES[a.dtype]],
     }
     times = {(s, k): [] for s in sides for k in a.steps}
     for _ in range(a.rounds):
