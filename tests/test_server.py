@@ -327,6 +327,33 @@ def test_serve_command_starts_serves_and_stops_on_ctrl_c(tmp_path):
         assert len(list(tmp_path.glob("*/000.png"))) == 1  # written in --outdir as `sample` writes
 
 
+def test_a_text_model_takes_prompt_and_negative_prompt(tmp_path):
+    """A (tiny, random) Stable Diffusion folder served by its path: prompts reach the model, and the PNG
+    reruns from the command line."""
+    pytest.importorskip("diffusers")
+    from tests.test_interop import tiny_sd_folder
+
+    folder = tiny_sd_folder(tmp_path / "sd", tmp_path / "vocab" / "files")[0]
+    app = create_app([str(folder)], dtype="fp32", outdir=tmp_path / "out")
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        info = c.get("/api/models").json()["models"]
+        assert [(m["name"], m["kind"], m["tasks"]) for m in info] == [("sd", "text", ["sample", "img2img", "inpaint", "outpaint"])]
+        job = run(c, prompt=["a cat"], negative=["dog"], n=2, steps=2, seed=0)["job"]
+        assert job["status"] == "done", job["error"]
+        assert job["parameters"]["prompt"] == ["a cat"] and job["parameters"]["negative"] == ["dog"]
+        other = run(c, prompt=["a dog"], negative=["dog"], n=2, steps=2, seed=0)["job"]
+        first = [pixels(c.get(j["images"][0]).content) for j in (job, other)]
+        assert not np.array_equal(*first)  # the prompt changes the image
+        grid = tmp_path / "grid.png"
+        grid.write_bytes(c.get(job["grid"]).content)
+        r = c.post("/api/jobs", json={"n": 1, "steps": 2})
+        assert r.status_code == 400 and "text-conditional: pass --prompt" in r.json()["detail"]
+        r = c.post("/api/jobs", json={"labels": [1], "prompt": ["a cat"], "n": 1, "steps": 2})
+        assert r.status_code == 400 and "text-conditional" in r.json()["detail"]
+    main(["sample", "--from-png", str(grid), "--out", str(tmp_path / "again.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "000.png").convert("L")), first[0])
+
+
 def test_loras_and_embeddings_by_name_from_the_served_folders(tmp_path):
     """LoRAs are chosen by name among --lora-dir's files, embeddings by a prompt writing an --embedding-dir file's
     name; they change the images, the PNG records the files; a name not served or a path is refused (400)."""
