@@ -63,3 +63,46 @@ def test_native_dtype_follows_the_cpu_flags():
     flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
     assert native_dtype("cpu") == (torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else None)
     assert native_dtype("meta") is None
+
+
+def test_prepacked_convolutions_are_the_float32_function_and_follow_weight_changes():
+    import copy
+    import pickle
+
+    from diffusekit.acceleration import PackedConv2d, prepack
+    x, t = torch.randn(len(LABELS), 1, 28, 28), torch.linspace(0, 999, len(LABELS))
+    pipe = load_pipeline(MODELS["mnist"])
+    ref = eps(pipe, x, t)
+    state = {k: v.clone() for k, v in pipe.net.state_dict().items()}
+    accelerate(pipe, packed=True)
+    convs = [m for m in pipe.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(type(m) is PackedConv2d for m in convs)
+    assert pipe.net.state_dict().keys() == state.keys()
+    assert torch.allclose(eps(pipe, x, t), ref, atol=1e-5)
+    assert all(hasattr(m, "_packed") for m in convs)  # the packed path ran
+    with torch.no_grad():  # a weight changed in place (as a merged LoRA does) is packed again
+        convs[0].weight.mul_(2)
+        changed = eps(pipe, x, t)
+        convs[0].weight.div_(2)
+    assert not torch.allclose(changed, ref, atol=1e-3)
+    assert torch.allclose(eps(pipe, x, t), ref, atol=1e-5)
+    for twin in (copy.deepcopy(pipe.net), pickle.loads(pickle.dumps(pipe.net))):  # the opaque copy is left out
+        with torch.no_grad():
+            assert torch.allclose(twin(x, t, class_labels=LABELS), ref, atol=1e-5)
+    conv = prepack(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1)))[0]
+    y = torch.randn(2, 3, 9, 9, requires_grad=True)
+    conv(y).square().sum().backward()  # autograd takes nn.Conv2d's path and gets gradients
+    assert conv.weight.grad is not None and y.grad is not None and not hasattr(conv, "_packed")
+
+
+def test_the_blocked_layout_is_chosen_for_wide_networks_on_amx_in_bf16(monkeypatch):
+    from diffusekit.acceleration import blocked_layout
+    narrow = load_pipeline(MODELS["mnist"]).net
+    wide = torch.nn.Sequential(torch.nn.Conv2d(4, 320, 3), torch.nn.Conv2d(320, 640, 3), torch.nn.Conv2d(640, 4, 3))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert blocked_layout(wide, "cpu", torch.bfloat16)
+    assert not blocked_layout(narrow, "cpu", torch.bfloat16)  # 40 / 80 channels: measured slower
+    assert not blocked_layout(wide, "cpu", None) and not blocked_layout(wide, "cuda", torch.bfloat16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not blocked_layout(wide, "cpu", torch.bfloat16)
+
