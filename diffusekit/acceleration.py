@@ -48,9 +48,10 @@ def resolve_dtype(name: str, device: torch.device | str) -> str:
 def blocked_layout(net: nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> bool:
     """Whether channels_last and prepacked convolution weights are the faster choice for `net`: on a CPU with AMX
     tiles, in bf16, for a network whose convolutions are wide (median width >= BLOCKED_LAYOUT_WIDTH)."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or not torch.cpu._is_amx_tile_supported():
+        return False
     widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
-    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
-            and bool(widths) and statistics.median(widths) >= BLOCKED_LAYOUT_WIDTH)
+    return bool(widths) and statistics.median(widths) >= BLOCKED_LAYOUT_WIDTH
 
 
 class PackedConv2d(nn.Conv2d):
@@ -107,4 +108,3 @@ def accelerate(pipe: HasNetwork, *, dtype: torch.dtype | None = None, channels_l
     if compile:
         net.compile(options={"freezing": True} if pipe.device.type == "cpu" else None)
     return pipe
-
