@@ -1,5 +1,6 @@
 """Peak memory of loading an SD-1.5-shaped pipeline folder in bf16 / fp32, and of a VAE decode at 1024x1024
-(issue 24.4), tiled where needed (`decode`, the pipeline's default) and whole (`decode_whole`). Each
+(issue 24.4), tiled where needed (`decode`, the pipeline's default) and whole (`decode_whole`), with glibc's
+default malloc and as the command line sets it up (`--allocator default kept`). Each
 measurement runs in a fresh subprocess (ru_maxrss is a high-water mark), beside the bytes of the loaded weights
 and the process's baseline after `import torch, diffusekit`.
 
@@ -17,7 +18,10 @@ import sys
 CHILD = r"""
 import json, resource, sys, time, torch
 import diffusekit.pipelines as P
+from diffusekit.acceleration import keep_freed_memory
 torch.set_num_threads(int(sys.argv[3]))
+if sys.argv[4] == "kept":  # as the command line runs
+    keep_freed_memory()
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 base, what = rss(), sys.argv[2]
 t = time.perf_counter()
@@ -35,9 +39,9 @@ print(json.dumps(dict(out, what=what, baseline_gb=base, peak_gb=rss(), seconds=t
 """
 
 
-def measure(folder: str, what: str, threads: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, folder, what, str(threads)], capture_output=True, text=True,
-                          check=True)
+def measure(folder: str, what: str, threads: int, allocator: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, folder, what, str(threads), allocator], capture_output=True,
+                          text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -46,9 +50,11 @@ if __name__ == "__main__":
     ap.add_argument("folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=["bfloat16", "float32", "decode", "decode_whole"])
+    ap.add_argument("--allocator", nargs="+", default=["default", "kept"], choices=["default", "kept"],
+                    help="glibc's default malloc, or as `diffusekit` sets it (acceleration.keep_freed_memory)")
     a = ap.parse_args()
-    for what in a.only:
-        r = measure(a.folder, what, a.threads)
+    for what, allocator in ((w, m) for w in a.only for m in a.allocator):
+        r = dict(measure(a.folder, what, a.threads, allocator), allocator=allocator)
         if "weights_gb" in r:
             r["peak_over_weights"] = (r["peak_gb"] - r["baseline_gb"]) / r["weights_gb"]
         print(json.dumps(r), flush=True)

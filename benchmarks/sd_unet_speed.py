@@ -2,31 +2,39 @@
 weights, side by side in one process, alternating round by round (issue 24.1 / 24.5).
 
 Per (dtype, batch, latent size): each round times `--reps` forwards of each side; the ratio is the median over
-rounds of t_diffusers / t_ours. FLOPs of one forward come from torch.utils.flop_counter, and the machine's matmul
-peak in that dtype is measured in the same run (a 2048^3 matmul, best of 5), so each time is also given as
-achieved GFLOP/s and as a fraction of that peak. Outputs are compared with diffusers' fp32 forward.
-bf16 runs only where the device computes it natively (`diffusekit.acceleration.native_dtype`: AVX512-BF16 / AMX
-CPUs, CUDA); elsewhere it is emulated at a few GFLOP/s and the row is skipped with the reason.
+rounds of t_diffusers / t_ours. FLOPs of one forward come from torch.utils.flop_counter (with the CPU's flash
+attention counted), and the machine's matmul peak in that dtype is measured in the same run (a 4096^3 matmul,
+best of 5), so each time is also given as achieved GFLOP/s and as a fraction of that peak. Outputs are compared
+with diffusers' fp32 forward. bf16 runs only where the device computes it natively
+(`diffusekit.acceleration.native_dtype`: AVX512-BF16 / AMX CPUs, CUDA); elsewhere it is emulated at a few
+GFLOP/s and the row is skipped with the reason.
 
     python benchmarks/sd_unet_speed.py --threads 2 --batch 2 --size 64 --dtype fp32 bf16 --rounds 3
+    python benchmarks/sd_unet_speed.py --threads 2 --batch 1 2 --size 64 96 --dtype bf16 --variants eager auto
     python benchmarks/sd_unet_speed.py --device cuda --batch 1 2 8 --dtype bf16 --variants eager compile graph
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from diffusekit.acceleration import native_dtype
+from diffusekit.acceleration import accelerate, keep_freed_memory, native_dtype
 from diffusekit.interop.diffusers_unet import unet_config_from_diffusers, unet_state_from_diffusers
 from diffusekit.models.unet import UNet
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# flop_counter's formulas miss the CPU's flash attention kernel (245 of the SD-1.5 UNet's 1599 GFLOP at b2, 64x64)
+COUNTED_TOO = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+               lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+VARIANTS = ["eager", "channels_last", "blocked", "auto", "compile", "graph"]
 
 
 def sync(device: torch.device) -> None:
@@ -65,11 +73,16 @@ def pair(device: torch.device):
 
 
 def variant(net: torch.nn.Module, name: str, example: tuple) -> callable:
-    """A forward callable of `net`: eager, channels_last, compile (inductor; freezing on the CPU) or graph (CUDA
+    """A forward callable of `net` (or of a converted copy): eager; channels_last; blocked (channels_last and
+    prepacked convolution weights, `diffusekit.acceleration.prepack`); auto (what `accelerate`, hence `diffusekit
+    --dtype`, chooses for this network, device and dtype); compile (inductor; freezing on the CPU) or graph (CUDA
     graph of the compiled forward, `mode="reduce-overhead"`)."""
-    if name == "channels_last":
-        net = net.to(memory_format=torch.channels_last)
-        example = (example[0].contiguous(memory_format=torch.channels_last),) + example[1:]
+    if name in ("channels_last", "blocked", "auto"):
+        forced = None if name == "auto" else True
+        net = accelerate(SimpleNamespace(net=copy.deepcopy(net), device=example[0].device), dtype=example[0].dtype,
+                         channels_last=forced, packed=None if name == "auto" else name == "blocked").net
+        if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
+            example = (example[0].contiguous(memory_format=torch.channels_last),) + example[1:]
     elif name in ("compile", "graph"):
         if example[0].device.type == "cpu":
             torch._inductor.config.freezing = True
@@ -84,11 +97,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[2])
     ap.add_argument("--size", type=int, nargs="+", default=[64], help="latent size (64: 512x512 images)")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
-    ap.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "channels_last", "compile", "graph"])
+    ap.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--force", action="store_true", help="run bf16 even where it is emulated")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="set glibc's malloc up as the `diffusekit` command does (both sides gain)")
     a = ap.parse_args()
+    if a.keep_freed_memory:
+        keep_freed_memory()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: the GPU benchmark did not run")
@@ -96,6 +113,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+          f"{'malloc keeping freed memory, ' if a.keep_freed_memory else ''}"
           f"{torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name()}")
     print("| dtype | batch | latent | variant | ours | diffusers | ratio (rounds) | GFLOP | ours GFLOP/s | % of matmul "
           "peak | max err vs fp32 |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -117,13 +135,14 @@ def main() -> None:
                 with torch.inference_mode():
                     ref = theirs32.to(torch.float32)(x, t, ctx).sample if dtype != torch.float32 else None
                     theirs32.to(dtype)
-                    with FlopCounterMode(display=False) as counter:
+                    with FlopCounterMode(display=False, custom_mapping=COUNTED_TOO) as counter:
                         ours(x.to(dtype), t, ctx.to(dtype))
                     flops = counter.get_total_flops()
                     xd, cd = x.to(dtype), ctx.to(dtype)
                     base = lambda: theirs(xd, t, cd).sample  # noqa: E731
                     for vname in a.variants:
-                        fn = variant(ours, vname, (xd, t, cd))
+                        with torch.inference_mode(False):  # weights copied here keep their version counters
+                            fn = variant(ours, vname, (xd, t, cd))
                         out = fn().float()
                         err = (out - (ref if ref is not None else base().float())).abs().max().item()
                         rounds, mine, peer = [], [], []
@@ -137,7 +156,6 @@ def main() -> None:
                               f"{unit} | {statistics.median(rounds):.2f} ({min(rounds):.2f} - {max(rounds):.2f}) | "
                               f"{flops / 1e9:.0f} | {flops / tm / 1e9:.0f} | {100 * flops / tm / peak:.0f}% of "
                               f"{peak / 1e9:.0f} | {err:.1e} |", flush=True)
-                        ours.to(memory_format=torch.contiguous_format)
         ours32, theirs32 = ours.float(), theirs.float()
 
 

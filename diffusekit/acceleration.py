@@ -1,12 +1,15 @@
-"""Inference-time speed switches: the network's precision, channels_last, prepacked convolutions, torch.compile.
+"""Inference-time speed switches: the networks' precision, channels_last, prepacked convolutions, torch.compile.
 
 The default pipeline computes in float32 and matches diffusers to float32 rounding; these switches trade that
-exactness for speed. Only the denoiser network changes: the sampler state and its update math stay float32
-(samplers promote the state), so bf16 rounds the network's prediction and nothing else.
+exactness for speed. Only the denoiser network and the autoencoder change: the sampler state and its update math
+stay float32 (samplers promote the state, the pipeline's encode / decode return float32), so bf16 rounds the
+network's prediction and the autoencoder's images and nothing else.
 """
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import statistics
 from typing import Protocol
 
@@ -14,9 +17,16 @@ import torch
 from torch import Tensor, nn
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names (and "auto"); None: float32
-# Median Conv2d width from which NHWC activations and prepacked weights pay on an AMX CPU in bf16: SD-1.5's UNet
-# (320-1280 channels) runs 1.29x faster with both, the bundled 40 / 80-channel MNIST UNet 1.3x slower (BENCHMARKS.md).
+# Median Conv2d width from which NHWC activations and prepacked weights pay on an AMX CPU: in bf16 SD-1.5's UNet
+# (320-1280 channels) runs 1.2-1.3x faster with both and its VAE decoder 2.3x, in float32 1.05-1.16x; the bundled
+# 40 / 80-channel MNIST UNet runs 1.3x slower in bf16 (BENCHMARKS.md).
 BLOCKED_LAYOUT_WIDTH = 256
+
+
+# glibc's mallopt parameters and the heap a process keeps: blocks of any size come from the heap (not one mmap
+# each, faulted in page by page every time a large activation is allocated) and up to 1 GiB of freed memory stays
+# mapped for the next step's tensors.
+M_TRIM_THRESHOLD, M_MMAP_MAX, KEPT_FREE_BYTES = -1, -4, 1 << 30
 
 
 class HasNetwork(Protocol):
@@ -45,24 +55,40 @@ def resolve_dtype(name: str, device: torch.device | str) -> str:
     return name
 
 
-def blocked_layout(net: nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> bool:
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve large blocks from its heap and keep freed memory for reuse, in this process.
+
+    By default every tensor above 32 MiB is a fresh mmap whose pages the kernel zero-fills on first touch: an SD-1.5
+    UNet forward takes 141,000 page faults that way, and the bf16 forward runs 7% faster without them
+    (BENCHMARKS.md). A process setting, so the command line calls it, not the library. False (nothing changed)
+    where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+
+
+def blocked_layout(net: nn.Module, device: torch.device | str) -> bool:
     """Whether channels_last and prepacked convolution weights are the faster choice for `net`: on a CPU with AMX
-    tiles, in bf16, for a network whose convolutions are wide (median width >= BLOCKED_LAYOUT_WIDTH)."""
-    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or not torch.cpu._is_amx_tile_supported():
+    tiles, in bf16 or float32, for a network whose convolutions are wide (median width >= BLOCKED_LAYOUT_WIDTH)."""
+    if torch.device(device).type != "cpu" or not torch.cpu._is_amx_tile_supported():
         return False
     widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
-    return bool(widths) and statistics.median(widths) >= BLOCKED_LAYOUT_WIDTH
+    return (bool(widths) and next(net.parameters()).dtype in (torch.float32, torch.bfloat16)
+            and statistics.median(widths) >= BLOCKED_LAYOUT_WIDTH)
 
 
 class PackedConv2d(nn.Conv2d):
     """A Conv2d whose weight oneDNN reorders once into its blocked layout (an eager convolution reorders it on
     every call: 7x the time of a 1280-channel 8x8 convolution on AMX). The packed copy is rebuilt when the weight
-    changes (a LoRA merged in place, a new dtype or memory format); autograd, non-CPU inputs and padding modes
-    other than zeros take nn.Conv2d's path. `prepack` turns a network's Conv2d layers into these."""
+    changes (a LoRA merged in place, a new dtype or memory format); autograd, non-CPU inputs, padding modes
+    other than zeros and weights made under torch.inference_mode (which have no version counter to tell a change
+    by) take nn.Conv2d's path. `prepack` turns a network's Conv2d layers into these."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if (input.device.type != "cpu" or self.padding_mode != "zeros" or isinstance(self.padding, str)
-                or weight is not self.weight or (torch.is_grad_enabled() and weight.requires_grad)):
+                or weight is not self.weight or (torch.is_grad_enabled() and weight.requires_grad)
+                or weight.is_inference()):
             return super()._conv_forward(input, weight, bias)
         geometry = list(self.padding), list(self.stride), list(self.dilation), self.groups
         key = (weight._version, weight.data_ptr(), weight.dtype, weight.stride())
@@ -88,23 +114,25 @@ def prepack(net: nn.Module) -> nn.Module:
 
 def accelerate(pipe: HasNetwork, *, dtype: torch.dtype | None = None, channels_last: bool | None = None,
                packed: bool | None = None, compile: bool = False) -> HasNetwork:
-    """Convert `pipe`'s network in place and return the pipeline.
+    """Convert `pipe`'s network and its autoencoder (latent models) in place and return the pipeline.
 
-    - dtype: compute dtype of the network, e.g. torch.bfloat16 (about 2x on CPUs with AVX512-BF16 / AMX,
-      where the float32 convolutions already run at the core's peak);
+    - dtype: compute dtype of both, e.g. torch.bfloat16 (about 2x on CPUs with AVX512-BF16 / AMX, where the
+      float32 convolutions already run at the core's peak);
     - channels_last: NHWC activations and weights; packed: convolution weights prepacked for oneDNN
-      (`PackedConv2d`). None (the default) chooses both by `blocked_layout`: on for wide networks on AMX CPUs
-      in bf16, off elsewhere (on narrow networks and without AMX both were measured slower);
+      (`PackedConv2d`). None (the default) chooses both for each by `blocked_layout`: on for wide networks on AMX
+      CPUs, off elsewhere (on narrow networks and without AMX both were measured slower);
     - compile: torch.compile the network (inductor; on the CPU it needs a C++ compiler and the weights are
       frozen into prepacked oneDNN layouts, so compile once per shape and sample many times)."""
-    net = pipe.net
-    if dtype is not None:
-        net.to(dtype)
-    blocked = blocked_layout(net, pipe.device, dtype)
-    if blocked if channels_last is None else channels_last:
-        net.to(memory_format=torch.channels_last)
-    if (blocked if packed is None else packed) and not compile:
-        prepack(net)
+    for net in (pipe.net, getattr(pipe, "autoencoder", None)):
+        if net is None:
+            continue
+        if dtype is not None:
+            net.to(dtype)
+        blocked = blocked_layout(net, pipe.device)
+        if blocked if channels_last is None else channels_last:
+            net.to(memory_format=torch.channels_last)
+        if (blocked if packed is None else packed) and not (compile and net is pipe.net):
+            prepack(net)
     if compile:
-        net.compile(options={"freezing": True} if pipe.device.type == "cpu" else None)
+        pipe.net.compile(options={"freezing": True} if pipe.device.type == "cpu" else None)
     return pipe

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from . import defaults
+from .acceleration import keep_freed_memory
 from .bundled import CLASSIFIERS, MODELS, classifier_folder, model_folder
 from .outputs import OUTDIR, Destination, read_request, version, write, write_sweep
 from .pipelines import load_classifier
@@ -407,7 +408,10 @@ def make_parser(saved: dict[str, Any] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Run a subcommand. User mistakes (the library's ValueError, OSError, FloatingPointError) end in one
-    line on stderr and exit code 1; anything else is a bug and shows its traceback, as all do with --debug."""
+    line on stderr and exit code 1; anything else is a bug and shows its traceback, as all do with --debug.
+    Run as the program (argv None), it first sets the process's allocator up for large tensors."""
+    if argv is None:
+        keep_freed_memory()
     args = make_parser().parse_args(argv)
     try:
         if getattr(args, "from_png", None):

@@ -393,10 +393,11 @@ def task_of(fields: dict[str, Any]) -> str:
 
 def load_model(source: str, device: str = defaults.DEVICE, dtype: str = defaults.DTYPE,
                text_encoder: str | None = None, compile: bool = False) -> tuple[Pipeline, str]:
-    """A model by bundled name or path on `device`, its network computing in `dtype` (auto resolved: bf16 where
-    the device computes it natively, else fp32), torch.compiled with `compile`; and the dtype name used."""
+    """A model by bundled name or path on `device`, read in `dtype` (auto resolved: bf16 where the device
+    computes it natively, else fp32; no float32 copy of the weights on the way) and `accelerate`d, its network
+    torch.compiled with `compile`; and the dtype name used."""
     dtype = resolve_dtype(dtype, device)
-    pipe = load_pipeline(model_folder(source), device, text_encoder=text_encoder)
+    pipe = load_pipeline(model_folder(source), device, DTYPES[dtype] or torch.float32, text_encoder=text_encoder)
     return accelerate(pipe, dtype=DTYPES[dtype], compile=compile), dtype
 
 

@@ -1,8 +1,11 @@
 """The speed switches of `diffusekit.acceleration.accelerate` compute what the default float32 pipeline computes:
 channels_last and torch.compile to float32 rounding, bf16 close to it and drawing the requested digits."""
 
+import platform
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,15 +96,76 @@ def test_prepacked_convolutions_are_the_float32_function_and_follow_weight_chang
     y = torch.randn(2, 3, 9, 9, requires_grad=True)
     conv(y).square().sum().backward()  # autograd takes nn.Conv2d's path and gets gradients
     assert conv.weight.grad is not None and y.grad is not None and not hasattr(conv, "_packed")
+    with torch.inference_mode():  # weights copied here have no version counter: nn.Conv2d's path, same function
+        twin = copy.deepcopy(pipe.net)
+        assert torch.allclose(twin(x, t, class_labels=LABELS), ref, atol=1e-5)
 
 
-def test_the_blocked_layout_is_chosen_for_wide_networks_on_amx_in_bf16(monkeypatch):
+def test_the_blocked_layout_is_chosen_for_wide_networks_on_amx(monkeypatch):
     from diffusekit.acceleration import blocked_layout
     narrow = load_pipeline(MODELS["mnist"]).net
     wide = torch.nn.Sequential(torch.nn.Conv2d(4, 320, 3), torch.nn.Conv2d(320, 640, 3), torch.nn.Conv2d(640, 4, 3))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert blocked_layout(wide, "cpu", torch.bfloat16)
-    assert not blocked_layout(narrow, "cpu", torch.bfloat16)  # 40 / 80 channels: measured slower
-    assert not blocked_layout(wide, "cpu", None) and not blocked_layout(wide, "cuda", torch.bfloat16)
+    assert blocked_layout(wide, "cpu") and blocked_layout(wide.bfloat16(), "cpu")
+    assert not blocked_layout(narrow.bfloat16(), "cpu")  # 40 / 80 channels: measured slower
+    assert not blocked_layout(wide, "cuda") and not blocked_layout(wide.half(), "cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not blocked_layout(wide, "cpu", torch.bfloat16)
+    assert not blocked_layout(wide.float(), "cpu")
+
+
+def test_accelerate_converts_the_autoencoder_too_and_decodes_to_float32(monkeypatch):
+    """A latent pipeline's autoencoder takes the network's dtype and, where `blocked_layout` holds, its layout;
+    decode still returns float32 images close to the float32 decode."""
+    from diffusekit.acceleration import PackedConv2d
+    from diffusekit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from diffusekit.pipelines import Pipeline
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(in_channels=3, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                         latent_channels=4)).eval()
+    mnist = load_pipeline(MODELS["mnist"])
+    pipe = Pipeline(mnist.net, mnist.settings, (16, 16), 3, num_classes=10, autoencoder=ae)
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = pipe.decode(z)
+        monkeypatch.setattr("diffusekit.acceleration.BLOCKED_LAYOUT_WIDTH", 32)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+        accelerate(pipe, dtype=torch.bfloat16)
+        out = pipe.decode(z)
+    assert next(ae.parameters()).dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert any(type(m) is PackedConv2d for m in ae.modules())
+    assert ae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() and not torch.equal(out, ref)
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+import torch
+from diffusekit.acceleration import keep_freed_memory
+
+class Info(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
+                                              "keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+kept = sys.argv[1] == "kept" and keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(40 << 18)
+mapped = libc.mallinfo2().hblkhd - before
+del x
+print(kept, mapped >> 20, libc.mallinfo2().fordblks >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_them():
+    """glibc's counters: by default a 40 MiB tensor is an mmap of its own, unmapped when freed; after
+    keep_freed_memory it comes from the heap and its memory stays there (free) for the next one."""
+    def probe(mode: str) -> tuple[str, int, int]:
+        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True, text=True, check=True)
+        kept, mapped, free = out.stdout.split()
+        return kept, int(mapped), int(free)
+
+    assert probe("default")[:2] == ("False", 40)
+    kept, mapped, free = probe("kept")
+    assert (kept, mapped) == ("True", 0) and free >= 40

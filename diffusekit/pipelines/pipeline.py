@@ -137,7 +137,7 @@ class Pipeline:
         return self.autoencoder.to_latent(x.to(next(self.autoencoder.parameters()).dtype), generator).float()
 
     def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
-        """Diffusion states -> images. Latent models decode in overlapping tile x tile pixel windows, blended, for
+        """Diffusion states -> float32 images. Latent models decode in overlapping tile x tile pixel windows, blended, for
         a `tile` given; 0 decodes whole; None (the default) decodes whole what fits in defaults.DECODE_MEMORY
         (exact) and anything larger in the fewest tiles that fit (`decode_tile`)."""
         if self.autoencoder is None:
@@ -145,7 +145,7 @@ class Pipeline:
         if tile and tile % self.factor:
             raise ValueError(f"the decode tile {tile} must be a multiple of the autoencoder's factor {self.factor}")
         latent_tile = self.decode_tile(z) if tile is None else tile // self.factor or None
-        return self.autoencoder.from_latent(z.to(next(self.autoencoder.parameters()).dtype), latent_tile)
+        return self.autoencoder.from_latent(z.to(next(self.autoencoder.parameters()).dtype), latent_tile).float()
 
     def decode_tile(self, z: Tensor) -> int | None:
         """The latent tile side that decodes z within defaults.DECODE_MEMORY with the fewest tiles per side (tiles
