@@ -78,9 +78,9 @@ def variant(net: torch.nn.Module, name: str, example: tuple) -> callable:
     --dtype`, chooses for this network, device and dtype); compile (inductor; freezing on the CPU) or graph (CUDA
     graph of the compiled forward, `mode="reduce-overhead"`)."""
     if name in ("channels_last", "blocked", "auto"):
-        forced = None if name == "auto" else True
+        auto = name == "auto"
         net = accelerate(SimpleNamespace(net=copy.deepcopy(net), device=example[0].device), dtype=example[0].dtype,
-                         channels_last=forced, packed=None if name == "auto" else name == "blocked").net
+                         channels_last=None if auto else True, packed=None if auto else name == "blocked").net
         if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
             example = (example[0].contiguous(memory_format=torch.channels_last),) + example[1:]
     elif name in ("compile", "graph"):

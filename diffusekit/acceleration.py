@@ -59,8 +59,8 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc serve large blocks from its heap and keep freed memory for reuse, in this process.
 
     By default every tensor above 32 MiB is a fresh mmap whose pages the kernel zero-fills on first touch: an SD-1.5
-    UNet forward takes 141,000 page faults that way, and the bf16 forward runs 7% faster without them
-    (BENCHMARKS.md). A process setting, so the command line calls it, not the library. False (nothing changed)
+    UNet forward takes 55,000-141,000 page faults that way (820 without), and its bf16 forward runs 4-7% faster
+    without them (BENCHMARKS.md). A process setting, so the command line calls it, not the library. False (nothing changed)
     where the C library is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False

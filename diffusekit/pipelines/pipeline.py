@@ -137,9 +137,9 @@ class Pipeline:
         return self.autoencoder.to_latent(x.to(next(self.autoencoder.parameters()).dtype), generator).float()
 
     def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
-        """Diffusion states -> float32 images. Latent models decode in overlapping tile x tile pixel windows, blended, for
-        a `tile` given; 0 decodes whole; None (the default) decodes whole what fits in defaults.DECODE_MEMORY
-        (exact) and anything larger in the fewest tiles that fit (`decode_tile`)."""
+        """Diffusion states -> float32 images. Latent models decode in overlapping tile x tile pixel windows,
+        blended, for a `tile` given; 0 decodes whole; None (the default) decodes whole what fits in
+        defaults.DECODE_MEMORY (exact) and anything larger in the fewest tiles that fit (`decode_tile`)."""
         if self.autoencoder is None:
             return z
         if tile and tile % self.factor:
