@@ -23,10 +23,12 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precis
 BLOCKED_LAYOUT_WIDTH = 256
 
 
-# glibc's mallopt parameters and the heap a process keeps: blocks of any size come from the heap (not one mmap
-# each, faulted in page by page every time a large activation is allocated) and up to 1 GiB of freed memory stays
-# mapped for the next step's tensors.
-M_TRIM_THRESHOLD, M_MMAP_MAX, KEPT_FREE_BYTES = -1, -4, 1 << 30
+# glibc's mallopt parameters and the allocator the command line sets up: blocks below HEAP_BLOCK_BYTES come from
+# the heap (glibc's default maps anything above 128 KiB - 32 MiB on its own, faulted in page by page every time an
+# activation is allocated) and up to KEPT_FREE_BYTES of freed heap stays mapped for the next step's tensors; larger
+# blocks (a 1024 px decode's activations) stay mmaps of their own, returned whole when freed, so they fragment
+# nothing.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES, KEPT_FREE_BYTES = -1, -3, 64 << 20, 1 << 30
 
 
 class HasNetwork(Protocol):
@@ -56,16 +58,19 @@ def resolve_dtype(name: str, device: torch.device | str) -> str:
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc serve large blocks from its heap and keep freed memory for reuse, in this process.
+    """Make glibc's malloc serve blocks below HEAP_BLOCK_BYTES from its heap and keep freed memory for reuse, in
+    this process.
 
-    By default every tensor above 32 MiB is a fresh mmap whose pages the kernel zero-fills on first touch: an SD-1.5
-    UNet forward takes 55,000-141,000 page faults that way (820 without), and its bf16 forward runs 4-7% faster
-    without them (BENCHMARKS.md). A process setting, so the command line calls it, not the library. False (nothing changed)
-    where the C library is not glibc."""
+    By default an SD-1.5 UNet forward takes 55,000-141,000 page faults (zero-filled pages of fresh mmaps and of a
+    heap trimmed and regrown), none measured with this, and its bf16 forward runs 4-7% faster; blocks above the
+    threshold stay mmaps, so a 1024 px bf16 decode peaks as with the default (taking every block from the heap
+    instead fragmented it: +2.4 GB; BENCHMARKS.md). A process setting, so the command line calls it, not the library.
+    False (nothing changed) where the C library is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
+                                                                                        KEPT_FREE_BYTES))
 
 
 def blocked_layout(net: nn.Module, device: torch.device | str) -> bool:
@@ -76,6 +81,23 @@ def blocked_layout(net: nn.Module, device: torch.device | str) -> bool:
     widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
     return (bool(widths) and next(net.parameters()).dtype in (torch.float32, torch.bfloat16)
             and statistics.median(widths) >= BLOCKED_LAYOUT_WIDTH)
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """`net.to(memory_format=torch.channels_last)` in place: each 4-d parameter and buffer is reordered within its
+    own storage (through a temporary the size of one tensor), so the conversion takes no second copy of the
+    weights and no fresh pages (SD-1.5's UNet in bf16: 1.5 s and +0.42 GB peak with glibc keeping freed memory
+    through `Module.to`; BENCHMARKS.md)."""
+    for t in (*net.parameters(), *net.buffers()):
+        if t.dim() != 4 or t.is_contiguous(memory_format=torch.channels_last):
+            continue
+        if not t.is_contiguous():  # a strided view: no storage of its own to reorder within
+            t.data = t.detach().contiguous(memory_format=torch.channels_last)
+            continue
+        values = t.detach().clone()
+        _, C, H, W = t.shape
+        t.data = t.detach().as_strided(t.shape, (C * H * W, 1, W * C, C)).copy_(values)
+    return net
 
 
 class PackedConv2d(nn.Conv2d):
@@ -130,7 +152,7 @@ def accelerate(pipe: HasNetwork, *, dtype: torch.dtype | None = None, channels_l
             net.to(dtype)
         blocked = blocked_layout(net, pipe.device)
         if blocked if channels_last is None else channels_last:
-            net.to(memory_format=torch.channels_last)
+            to_channels_last(net)
         if (blocked if packed is None else packed) and not (compile and net is pipe.net):
             prepack(net)
     if compile:

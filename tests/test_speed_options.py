@@ -1,6 +1,7 @@
 """The speed switches of `diffusekit.acceleration.accelerate` compute what the default float32 pipeline computes:
 channels_last and torch.compile to float32 rounding, bf16 close to it and drawing the requested digits."""
 
+import copy
 import platform
 import re
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusekit.acceleration import accelerate, native_dtype
+from diffusekit.acceleration import accelerate, native_dtype, to_channels_last
 from diffusekit.bundled import MODELS
 from diffusekit.evaluation import class_accuracy, load_mnist_classifier
 from diffusekit.pipelines import generate, load_pipeline
@@ -36,6 +37,21 @@ def test_channels_last_is_the_float32_function():
     accelerate(pipe, channels_last=True)
     assert torch.allclose(eps(pipe, x, t), ref, atol=1e-5)
     assert torch.allclose(sample(pipe), ref_images, atol=1e-3)  # 10 CFG-3 steps grow float32 rounding to ~1e-4
+
+
+def test_to_channels_last_reorders_each_tensor_within_its_storage():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 4, 3))
+    net[2].weight.data = torch.randn(4, 8, 3, 3).transpose(2, 3)  # a strided view: copied instead
+    net.register_buffer("window", torch.randn(1, 2, 3, 4))
+    reference = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    storage = net[0].weight.data_ptr(), net.window.data_ptr()
+    assert to_channels_last(net) is net
+    for (name, mine), theirs in zip(net.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(mine, theirs) and mine.stride() == theirs.stride(), name
+    assert (net[0].weight.data_ptr(), net.window.data_ptr()) == storage
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(net(x), reference(x))
 
 
 def test_bf16_is_close_to_float32_and_keeps_the_class_accuracy():
@@ -153,19 +169,22 @@ before = libc.mallinfo2().hblkhd
 x = torch.ones(40 << 18)
 mapped = libc.mallinfo2().hblkhd - before
 del x
-print(kept, mapped >> 20, libc.mallinfo2().fordblks >> 20)
+free = libc.mallinfo2().fordblks
+y = torch.ones(100 << 18)
+print(kept, mapped >> 20, free >> 20, (libc.mallinfo2().hblkhd - before) >> 20)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_them():
     """glibc's counters: by default a 40 MiB tensor is an mmap of its own, unmapped when freed; after
-    keep_freed_memory it comes from the heap and its memory stays there (free) for the next one."""
-    def probe(mode: str) -> tuple[str, int, int]:
+    keep_freed_memory it comes from the heap and its memory stays there (free) for the next one, while a 100 MiB
+    one (above HEAP_BLOCK_BYTES) is still an mmap of its own."""
+    def probe(mode: str) -> tuple[str, int, int, int]:
         out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True, text=True, check=True)
-        kept, mapped, free = out.stdout.split()
-        return kept, int(mapped), int(free)
+        kept, mapped, free, mapped_large = out.stdout.split()
+        return kept, int(mapped), int(free), int(mapped_large)
 
     assert probe("default")[:2] == ("False", 40)
-    kept, mapped, free = probe("kept")
-    assert (kept, mapped) == ("True", 0) and free >= 40
+    kept, mapped, free, mapped_large = probe("kept")
+    assert (kept, mapped) == ("True", 0) and free >= 40 and mapped_large == 100
