@@ -2,16 +2,18 @@
 script doing diffusers' `StableDiffusionPipeline.from_pretrained` + call + PNG save, each a fresh process on the
 same SD-1.5-shaped folder (`benchmarks/sd15_folder.py`), same scheduler (DPM-Solver++ 2M), CFG, size, dtype and
 threads, alternating. Each side runs at `--steps` a and b; per-step = (T_b - T_a) / (b - a) and fixed = T_a -
-a * per-step (process start, imports, loading, text encoding, VAE decode, writing).
+a * per-step (process start, imports, loading, text encoding, VAE decode, writing). `--breakdown` runs each side
+once more at b steps with timers around those parts (the same CLI and diffusers calls, wrapped in the child).
 
     python benchmarks/sd15_folder.py /tmp/sd15
     python benchmarks/sd_generation.py /tmp/sd15 --size 256 --steps 1 3 --rounds 2 --threads 2
-    python benchmarks/sd_generation.py /tmp/sd15 --size 512 --steps 1 20 --rounds 1 --dtype bf16
+    python benchmarks/sd_generation.py /tmp/sd15 --size 512 --steps 1 20 --rounds 1 --dtype bf16 --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -32,12 +34,70 @@ image = pipe(sys.argv[5], num_inference_steps=steps, guidance_scale=7.5, height=
 image.save(out)
 """
 
+# The breakdown's children: sys.argv[1] is the parent's time.time() at launch; each prints its parts as JSON.
+TIMERS = r"""
+import json, sys, time
+launched, started = float(sys.argv[1]), time.time()
+parts = dict(start=started - launched, imports=0.0, load=0.0, text_encoder=0.0, unet=0.0, vae_decode=0.0,
+             writing=0.0)
+def timed(part, fn):
+    def timed_call(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            parts[part] += time.perf_counter() - t
+    return timed_call
+def report():
+    parts["other"] = time.time() - launched - sum(parts.values())
+    print(json.dumps(parts))
+"""
+OURS_TIMED = TIMERS + r"""
+import diffusekit.cli as cli
+parts["imports"] = time.time() - started
+def load_model(*args, **kwargs):
+    pipe, dtype = load(*args, **kwargs)
+    pipe.text_encoder.forward = timed("text_encoder", pipe.text_encoder.forward)
+    pipe.net.forward = timed("unet", pipe.net.forward)
+    pipe.decode = timed("vae_decode", pipe.decode)
+    return pipe, dtype
+load, cli.load_model, cli.write = cli.load_model, timed("load", load_model), timed("writing", cli.write)
+sys.argv = ["diffusekit"] + sys.argv[2:]
+cli.main()
+report()
+"""
+DIFFUSERS_TIMED = TIMERS + r"""
+import torch
+from diffusers import StableDiffusionPipeline
+parts["imports"] = time.time() - started
+folder, steps, size, out = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+pipe = timed("load", StableDiffusionPipeline.from_pretrained)(folder, safety_checker=None,
+    requires_safety_checker=False, torch_dtype=getattr(torch, sys.argv[7]))
+pipe.encode_prompt = timed("text_encoder", pipe.encode_prompt)
+pipe.unet.forward = timed("unet", pipe.unet.forward)
+pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
+image = pipe(sys.argv[6], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+             generator=torch.Generator().manual_seed(0)).images[0]
+timed("writing", image.save)(out)
+report()
+"""
+
 
 def run(cmd: list[str], threads: int) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env=environment(threads), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def environment(threads: int) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+
+
+def breakdown(script: str, args: list[str], threads: int) -> dict[str, float]:
+    """Seconds per part of one run of a timed child (`OURS_TIMED`, `DIFFUSERS_TIMED`)."""
+    done = subprocess.run([sys.executable, "-c", script, repr(time.time()), *args], check=True, capture_output=True,
+                          text=True, env=environment(threads))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -48,6 +108,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="fp32", choices=list(TORCH_DTYPES), help="both sides' dtype")
+    ap.add_argument("--breakdown", action="store_true", help="then time the parts of one run of each side")
     a = ap.parse_args()
     out = tempfile.mkdtemp()
     sides = {
@@ -71,6 +132,14 @@ def main() -> None:
         t_lo, t_hi = statistics.median(times[side, lo]), statistics.median(times[side, hi])
         step = (t_hi - t_lo) / (hi - lo)
         print(f"| {side} | {t_lo:.1f} s | {t_hi:.1f} s | {step:.2f} s | {t_lo - lo * step:.1f} s |")
+    if a.breakdown:
+        parts = {"diffusekit": breakdown(OURS_TIMED, sides["diffusekit"](hi)[3:], a.threads),
+                 "diffusers": breakdown(DIFFUSERS_TIMED, sides["diffusers"](hi)[3:], a.threads)}
+        names = list(parts["diffusekit"])
+        print(f"\nOne run at {hi} steps, seconds per part:\n| side | " + " | ".join(names) + " | total |\n|"
+              + " --- |" * (len(names) + 2))
+        for side, p in parts.items():
+            print(f"| {side} | " + " | ".join(f"{p[k]:.2f}" for k in names) + f" | {sum(p.values()):.1f} |")
 
 
 if __name__ == "__main__":
