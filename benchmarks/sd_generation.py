@@ -2,12 +2,14 @@
 script doing diffusers' `StableDiffusionPipeline.from_pretrained` + call + PNG save, each a fresh process on the
 same SD-1.5-shaped folder (`benchmarks/sd15_folder.py`), same scheduler (DPM-Solver++ 2M), CFG, size, dtype and
 threads, alternating. Each side runs at `--steps` a and b; per-step = (T_b - T_a) / (b - a) and fixed = T_a -
-a * per-step (process start, imports, loading, text encoding, VAE decode, writing). `--breakdown` runs each side
-once more at b steps with timers around those parts (the same CLI and diffusers calls, wrapped in the child).
+a * per-step. Each run also times its parts at b steps (process start, imports, loading, text encoder, UNet,
+VAE decode, writing, the rest): each side's child wraps timers around the calls it makes, our command line's
+(`cli.main` with its `load_model` and `write`, the text encoder's and UNet's forward, `Pipeline.decode`) and
+diffusers' (`from_pretrained`, `encode_prompt`, `unet.forward`, `vae.decode`, the PNG save).
 
     python benchmarks/sd15_folder.py /tmp/sd15
     python benchmarks/sd_generation.py /tmp/sd15 --size 256 --steps 1 3 --rounds 2 --threads 2
-    python benchmarks/sd_generation.py /tmp/sd15 --size 512 --steps 1 20 --rounds 1 --dtype bf16 --breakdown
+    python benchmarks/sd_generation.py /tmp/sd15 --size 512 --steps 1 20 --rounds 1 --dtype bf16
 """
 
 from __future__ import annotations
@@ -23,18 +25,9 @@ import time
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # our --dtype name -> diffusers' torch_dtype
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-DIFFUSERS = r"""
-import sys, torch
-from diffusers import StableDiffusionPipeline
-folder, steps, size, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
-                                               torch_dtype=getattr(torch, sys.argv[6]))
-image = pipe(sys.argv[5], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
-             generator=torch.Generator().manual_seed(0)).images[0]
-image.save(out)
-"""
 
-# The breakdown's children: sys.argv[1] is the parent's time.time() at launch; each prints its parts as JSON.
+# Each side runs as a child with timers around the parts of its work: sys.argv[1] is the parent's time.time() at
+# launch, the rest the side's own arguments; it prints its parts' seconds as JSON.
 TIMERS = r"""
 import json, sys, time
 launched, started = float(sys.argv[1]), time.time()
@@ -52,7 +45,7 @@ def report():
     parts["other"] = time.time() - launched - sum(parts.values())
     print(json.dumps(parts))
 """
-OURS_TIMED = TIMERS + r"""
+OURS = TIMERS + r"""
 import diffusekit.cli as cli
 parts["imports"] = time.time() - started
 def load_model(*args, **kwargs):
@@ -66,7 +59,7 @@ sys.argv = ["diffusekit"] + sys.argv[2:]
 cli.main()
 report()
 """
-DIFFUSERS_TIMED = TIMERS + r"""
+DIFFUSERS = TIMERS + r"""
 import torch
 from diffusers import StableDiffusionPipeline
 parts["imports"] = time.time() - started
@@ -83,21 +76,13 @@ report()
 """
 
 
-def run(cmd: list[str], threads: int) -> float:
+def run(script: str, args: list[str], threads: int) -> dict[str, float]:
+    """Seconds per part of one run of a side's child (`OURS`, `DIFFUSERS`) in a fresh process, and its total."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=environment(threads), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
-def environment(threads: int) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-
-
-def breakdown(script: str, args: list[str], threads: int) -> dict[str, float]:
-    """Seconds per part of one run of a timed child (`OURS_TIMED`, `DIFFUSERS_TIMED`)."""
     done = subprocess.run([sys.executable, "-c", script, repr(time.time()), *args], check=True, capture_output=True,
-                          text=True, env=environment(threads))
-    return json.loads(done.stdout.strip().splitlines()[-1])
+                          text=True, env=env)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), total=time.perf_counter() - start)
 
 
 def main() -> None:
@@ -108,38 +93,34 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="fp32", choices=list(TORCH_DTYPES), help="both sides' dtype")
-    ap.add_argument("--breakdown", action="store_true", help="then time the parts of one run of each side")
     a = ap.parse_args()
     out = tempfile.mkdtemp()
     sides = {
-        "diffusekit": lambda k: [sys.executable, "-m", "diffusekit.cli", "sample", "--model", a.folder, "--prompt",
-                                 PROMPT, "--n", "1", "--steps", str(k), "--sampler", "dpmpp_2m", "--cfg", "7.5",
-                                 "--height", str(a.size), "--width", str(a.size), "--dtype", a.dtype,
-                                 "--outdir", out],
-        "diffusers": lambda k: [sys.executable, "-c", DIFFUSERS, a.folder, str(k), str(a.size), f"{out}/d.png",
-                                PROMPT, TORCH_DTYPES[a.dtype]],
+        "diffusekit": lambda k: (OURS, ["sample", "--model", a.folder, "--prompt", PROMPT, "--n", "1", "--steps",
+                                        str(k), "--sampler", "dpmpp_2m", "--cfg", "7.5", "--height", str(a.size),
+                                        "--width", str(a.size), "--dtype", a.dtype, "--outdir", out]),
+        "diffusers": lambda k: (DIFFUSERS, [a.folder, str(k), str(a.size), f"{out}/d.png", PROMPT,
+                                            TORCH_DTYPES[a.dtype]]),
     }
     times = {(s, k): [] for s in sides for k in a.steps}
     for _ in range(a.rounds):
         for k in a.steps:
             for side, cmd in sides.items():
-                times[side, k].append(run(cmd(k), a.threads))
+                times[side, k].append(run(*cmd(k), a.threads))
     lo, hi = a.steps
     print(f"{a.size}x{a.size}, {a.dtype}, {a.threads} threads, CFG 7.5, dpmpp_2m; median of {a.rounds} rounds")
     print("| side | total at %d steps | total at %d steps | per step | fixed part |\n| --- | --- | --- | --- | --- |"
           % (lo, hi))
     for side in sides:
-        t_lo, t_hi = statistics.median(times[side, lo]), statistics.median(times[side, hi])
+        t_lo, t_hi = (statistics.median(r["total"] for r in times[side, k]) for k in (lo, hi))
         step = (t_hi - t_lo) / (hi - lo)
         print(f"| {side} | {t_lo:.1f} s | {t_hi:.1f} s | {step:.2f} s | {t_lo - lo * step:.1f} s |")
-    if a.breakdown:
-        parts = {"diffusekit": breakdown(OURS_TIMED, sides["diffusekit"](hi)[3:], a.threads),
-                 "diffusers": breakdown(DIFFUSERS_TIMED, sides["diffusers"](hi)[3:], a.threads)}
-        names = list(parts["diffusekit"])
-        print(f"\nOne run at {hi} steps, seconds per part:\n| side | " + " | ".join(names) + " | total |\n|"
-              + " --- |" * (len(names) + 2))
-        for side, p in parts.items():
-            print(f"| {side} | " + " | ".join(f"{p[k]:.2f}" for k in names) + f" | {sum(p.values()):.1f} |")
+    names = list(times["diffusekit", hi][0])
+    print(f"\nAt {hi} steps, seconds per part (median of the rounds):\n| side | " + " | ".join(names) + " |\n|"
+          + " --- |" * (len(names) + 1))
+    for side in sides:
+        print(f"| {side} | " + " | ".join(f"{statistics.median(r[k] for r in times[side, hi]):.2f}" for k in names)
+              + " |")
 
 
 if __name__ == "__main__":
